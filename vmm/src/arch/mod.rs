@@ -1,0 +1,2 @@
+//! Architecture support. apfvm runs x86_64 guests only.
+pub mod x86_64;

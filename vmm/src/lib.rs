@@ -1,0 +1,17 @@
+//! apfvm: a KVM virtual machine monitor built around async page faults.
+//!
+//! Follow a VM from `config` (what the user asked for) to `vm::run` (build and run it), which
+//! uses `memory` (guest RAM), `arch::x86_64` (boot), `vcpu` (the KVM_RUN loops) and the
+//! `devices` crate, and `apf` for the async page fault switch.
+
+pub mod apf;
+pub mod arch;
+pub mod config;
+pub mod console;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod vm_stop;
+
+/// The project's reference guest, built from resources/guest by build.rs.
+pub const REFERENCE_GUEST: &[u8] = include_bytes!(env!("APFVM_REFERENCE_GUEST"));
