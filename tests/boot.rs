@@ -37,87 +37,61 @@ fn assert_reference_guest_booted(run: &Run, cpus: usize) {
     );
 }
 
+/// Boots with `args` and checks the reference guest came up on `cpus` CPUs and apfvm exited
+/// with `code`; returns the run (None when KVM tests are skipped).
+fn boots_and_exits(args: &[&str], cpus: usize, code: i32) -> Option<Run> {
+    if !kvm_available() {
+        return None;
+    }
+    let run = apfvm(args, GUEST_LIMIT);
+    assert_reference_guest_booted(&run, cpus);
+    assert_eq!(run.code(), Some(code), "{}", run.describe());
+    Some(run)
+}
+
 #[test]
 fn reference_guest_boots_on_one_vcpu() {
-    if !kvm_available() {
-        return;
-    }
-    let run = apfvm(
-        &["run", "--kernel", REFERENCE_GUEST, "--vcpus", "1"],
-        GUEST_LIMIT,
-    );
-    assert_reference_guest_booted(&run, 1);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    boots_and_exits(&["run", "--kernel", REFERENCE_GUEST, "--vcpus", "1"], 1, 0);
 }
 
 #[test]
 fn reference_guest_boots_all_vcpus_through_init_sipi() {
-    if !kvm_available() {
-        return;
-    }
-    let run = apfvm(
-        &["run", "--kernel", REFERENCE_GUEST, "--vcpus", "2"],
-        GUEST_LIMIT,
-    );
-    assert_reference_guest_booted(&run, 2);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    boots_and_exits(&["run", "--kernel", REFERENCE_GUEST, "--vcpus", "2"], 2, 0);
 }
 
 #[test]
 fn demo_command_boots_the_built_in_guest_on_memfd_ram() {
-    if !kvm_available() {
-        return;
-    }
-    let run = apfvm(
+    boots_and_exits(
         &["demo", "--vcpus", "2", "--memory", "memfd", "--mem", "64M"],
-        GUEST_LIMIT,
+        2,
+        0,
     );
-    assert_reference_guest_booted(&run, 2);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
 }
 
 #[test]
 fn debug_exit_port_sets_the_exit_code_and_cmdline_reaches_the_guest() {
-    if !kvm_available() {
-        return;
+    let args = [
+        "run",
+        "--kernel",
+        REFERENCE_GUEST,
+        "--cmdline",
+        "exit=42 hello",
+    ];
+    if let Some(run) = boots_and_exits(&args, 1, 42) {
+        let line = r#"apfvm-ref: boot cmdline="exit=42 hello""#;
+        assert!(run.stdout.contains(line), "{}", run.describe());
     }
-    let run = apfvm(
-        &[
-            "run",
-            "--kernel",
-            REFERENCE_GUEST,
-            "--cmdline",
-            "exit=42 hello",
-        ],
-        GUEST_LIMIT,
-    );
-    assert!(
-        run.stdout
-            .contains(r#"apfvm-ref: boot cmdline="exit=42 hello""#),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(run.code(), Some(42), "{}", run.describe());
 }
 
 #[test]
 fn config_file_settings_apply_and_flags_win() {
-    if !kvm_available() {
-        return;
-    }
     let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
-    std::fs::write(
-        file.as_path(),
-        format!("kernel = {REFERENCE_GUEST:?}\nvcpus = 2\ncmdline = \"exit=5\"\nmem = \"64M\"\n"),
-    )
-    .unwrap();
+    let toml =
+        format!("kernel = {REFERENCE_GUEST:?}\nvcpus = 2\ncmdline = \"exit=5\"\nmem = \"64M\"\n");
+    std::fs::write(file.as_path(), toml).unwrap();
     let config = file.as_path().to_str().unwrap();
-    let run = apfvm(&["run", "--config", config], GUEST_LIMIT);
-    assert_reference_guest_booted(&run, 2);
-    assert_eq!(run.code(), Some(5), "{}", run.describe());
-    let run = apfvm(&["run", "--config", config, "--vcpus", "1"], GUEST_LIMIT);
-    assert_reference_guest_booted(&run, 1);
-    assert_eq!(run.code(), Some(5), "{}", run.describe());
+    boots_and_exits(&["run", "--config", config], 2, 5);
+    boots_and_exits(&["run", "--config", config, "--vcpus", "1"], 1, 5);
 }
 
 #[test]
@@ -149,15 +123,11 @@ fn apf_switch_shows_or_hides_async_pf_in_the_guests_cpuid() {
 
 #[test]
 fn writes_to_unassigned_ports_are_ignored() {
-    if !kvm_available() {
-        return;
-    }
-    let run = apfvm(
+    boots_and_exits(
         &["run", "--kernel", REFERENCE_GUEST, "--cmdline", "fail=port"],
-        GUEST_LIMIT,
+        1,
+        0,
     );
-    assert_reference_guest_booted(&run, 1);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
 }
 
 #[test]

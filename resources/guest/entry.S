@@ -60,30 +60,12 @@ pvh_start32:
 	cmpl	$(4 * 512), %ecx
 	jb	3b
 
-	/* Long mode: PAE, CR3, EFER.LME, then paging (the AP trampoline does the same). */
-	movl	%cr4, %eax
-	orl	$CR4_PAE, %eax
-	movl	%eax, %cr4
-	movl	$pml4, %eax
-	movl	%eax, %cr3
-	movl	$MSR_EFER, %ecx
-	rdmsr
-	orl	$EFER_LME, %eax
-	wrmsr
-	movl	%cr0, %eax
-	orl	$(CR0_PG | CR0_PE), %eax
-	movl	%eax, %cr0
+	ENTER_LONG_MODE_32
 	ljmp	$KERNEL_CS, $bsp_start64
 
 	.code64
 bsp_start64:
-	movl	$KERNEL_DS, %eax
-	movl	%eax, %ds
-	movl	%eax, %es
-	movl	%eax, %ss
-	xorl	%eax, %eax
-	movl	%eax, %fs
-	movl	%eax, %gs			/* GS base is set by cpu_init() via MSR */
+	LOAD_KERNEL_DATA_SEGMENTS_64
 	leaq	boot_stack_top(%rip), %rsp
 	xorl	%ebp, %ebp			/* terminate frame-pointer chains */
 	movl	%esi, %edi			/* main(start_info_paddr) */

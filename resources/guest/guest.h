@@ -82,6 +82,38 @@
 #define EXIT_BAD_APIC		5	/* no x2APIC, or APIC id disagrees with the MP table */
 #define EXIT_EXCEPTION		0x7e
 
+#ifdef __ASSEMBLER__
+/*
+ * 32-bit protected mode -> long mode with the shared identity page tables: PAE, CR3,
+ * EFER.LME, then paging. Used by the BSP's PVH entry and by the AP trampoline.
+ */
+.macro ENTER_LONG_MODE_32
+	movl	%cr4, %eax
+	orl	$CR4_PAE, %eax
+	movl	%eax, %cr4
+	movl	$pml4, %eax
+	movl	%eax, %cr3
+	movl	$MSR_EFER, %ecx
+	rdmsr
+	orl	$EFER_LME, %eax
+	wrmsr
+	movl	%cr0, %eax
+	orl	$(CR0_PG | CR0_PE), %eax
+	movl	%eax, %cr0
+.endm
+
+/* First thing in 64-bit code: flat kernel data segments, null FS/GS (bases come by MSR). */
+.macro LOAD_KERNEL_DATA_SEGMENTS_64
+	movl	$KERNEL_DS, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
+	xorl	%eax, %eax
+	movl	%eax, %fs
+	movl	%eax, %gs
+.endm
+#endif
+
 #ifndef __ASSEMBLER__
 
 #include <stdarg.h>

@@ -35,19 +35,7 @@ tr_protected:
 	movl	%eax, %ds
 	movl	%eax, %es
 	movl	%eax, %ss
-	/* Same sequence as the BSP: PAE, the BSP's page tables, LME, paging. */
-	movl	%cr4, %eax
-	orl	$CR4_PAE, %eax
-	movl	%eax, %cr4
-	movl	$pml4, %eax
-	movl	%eax, %cr3
-	movl	$MSR_EFER, %ecx
-	rdmsr
-	orl	$EFER_LME, %eax
-	wrmsr
-	movl	%cr0, %eax
-	orl	$CR0_PG, %eax
-	movl	%eax, %cr0
+	ENTER_LONG_MODE_32
 	ljmp	$KERNEL_CS, $ap_start64		/* into the kernel image proper */
 
 	.balign	4
@@ -60,13 +48,7 @@ trampoline_end:
 	.text
 	.code64
 ap_start64:
-	movl	$KERNEL_DS, %eax
-	movl	%eax, %ds
-	movl	%eax, %es
-	movl	%eax, %ss
-	xorl	%eax, %eax
-	movl	%eax, %fs
-	movl	%eax, %gs
+	LOAD_KERNEL_DATA_SEGMENTS_64
 	/*
 	 * Take a stack slot with LOCK XADD: robust even if a slow AP from an
 	 * earlier SIPI shows up late. The slot is not the CPU index; ap_main()

@@ -256,15 +256,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn zero_page_has_header_cmdline_e820_and_initrd() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let e820 = e820_map(&[(GuestAddress(0), 64 << 20)]);
+    /// 64 MiB of RAM with boot info for `mode` and an initrd at 48 MiB.
+    fn boot_info_in_64m(mode: EntryMode, cmdline_len: usize) -> GuestMemoryMmap {
+        let ram = [(GuestAddress(0), 64 << 20)];
+        let mem = GuestMemoryMmap::from_ranges(&ram).unwrap();
         let initrd = InitrdPlacement {
             addr: GuestAddress(0x300_0000),
             size: 0x1234,
         };
-        write_boot_info(&mem, &kernel(EntryMode::Linux64), &e820, 42, Some(initrd)).unwrap();
+        write_boot_info(
+            &mem,
+            &kernel(mode),
+            &e820_map(&ram),
+            cmdline_len,
+            Some(initrd),
+        )
+        .unwrap();
+        mem
+    }
+
+    #[test]
+    fn zero_page_has_header_cmdline_e820_and_initrd() {
+        let mem = boot_info_in_64m(EntryMode::Linux64, 42);
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
@@ -284,13 +297,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_points_at_cmdline_memmap_and_module() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let e820 = e820_map(&[(GuestAddress(0), 64 << 20)]);
-        let initrd = InitrdPlacement {
-            addr: GuestAddress(0x300_0000),
-            size: 0x1234,
-        };
-        write_boot_info(&mem, &kernel(EntryMode::Pvh), &e820, 0, Some(initrd)).unwrap();
+        let mem = boot_info_in_64m(EntryMode::Pvh, 0);
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
