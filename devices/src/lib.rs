@@ -7,10 +7,12 @@
 
 pub mod debug_exit;
 pub mod i8042;
+pub mod pager_control;
 pub mod serial;
 
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
+pub use pager_control::{EvictionRequests, PagerControl};
 pub use serial::{IrqTrigger, SerialConsole};
 
 /// Why a guest asked to stop the VM.

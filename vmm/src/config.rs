@@ -9,6 +9,7 @@ use crate::arch::x86_64::cpuid::{self, FeatureEdit};
 use crate::arch::x86_64::loader::{self, LoaderError};
 use crate::arch::x86_64::mptable;
 use crate::memory::MemoryBackend;
+use crate::pager::{EvictPolicy, FaultOrder, LatencyModel, PagerConfig};
 
 /// Command line given to a kernel when the user gives none: serial console, reboot through
 /// the i8042 (what ends apfvm cleanly), and reboot one second after a panic so that a dead
@@ -23,6 +24,24 @@ pub const MIN_MEM_SIZE: u64 = 2 << 20;
 pub enum Switch {
     On,
     Off,
+}
+
+/// Who backs guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PagerKind {
+    /// Plain memory: every page is there from the start.
+    None,
+    /// Host paging through userfaultfd: pages fault in on first touch, can be evicted.
+    Uffd,
+}
+
+/// Host paging settings (`--pager uffd`).
+#[derive(Debug, Clone)]
+pub struct PagingConfig {
+    /// Initial RAM contents; zero-fill when absent.
+    pub memory_image: Option<PathBuf>,
+    pub pager: PagerConfig,
 }
 
 /// Where the kernel image comes from.
@@ -56,23 +75,59 @@ pub struct VmConfig {
     pub memory_backend: MemoryBackend,
     pub cpu_features: Vec<FeatureEdit>,
     pub apf: bool,
+    pub paging: Option<PagingConfig>,
 }
 
-/// Settings as given by the user, each optional; the CLI fills one from flags and one from
-/// `--config FILE.toml`, and `merge` lets the flags win.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Settings as given by the user, each optional: the CLI's flags and the TOML file
+/// (`--config`) have exactly these names, and `merge` lets the flags win.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// Kernel image: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
-    /// A size such as "256M" (see `parse_size`).
+    /// Guest RAM, e.g. 256M or 1G; a bare number is MiB [default: 128M].
+    #[arg(long, value_name = "SIZE")]
     pub mem: Option<String>,
+    /// What backs guest RAM [default: anon].
+    #[arg(long, value_enum)]
     pub memory: Option<MemoryBackend>,
-    /// A `--cpu-features` list, e.g. "-xsave,-cx16" or "emulated-kernel".
+    /// CPUID edits: +feature/-feature, comma-separated, or a template (emulated-kernel).
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
     pub cpu_features: Option<String>,
+    /// Advertise KVM async page faults to the guest [default: on].
+    #[arg(long, value_enum)]
     pub apf: Option<Switch>,
+    /// Host paging of guest RAM [default: none].
+    #[arg(long, value_enum)]
+    pub pager: Option<PagerKind>,
+    /// Raw image of guest RAM to serve first-touch pages from (else zero-fill).
+    #[arg(long, value_name = "PATH")]
+    pub memory_image: Option<PathBuf>,
+    /// Fetch latency: 5ms, a range 5ms-30ms, or exp:5ms [default: 0].
+    #[arg(long, value_name = "SPEC")]
+    pub fault_latency: Option<String>,
+    /// Completion order: arrival, or reverse:N (batches of N in reverse) [default: arrival].
+    #[arg(long, value_name = "ORDER")]
+    pub fault_order: Option<String>,
+    /// Pager worker threads [default: 2].
+    #[arg(long, value_name = "N")]
+    pub pager_workers: Option<usize>,
+    /// Periodic eviction PERIOD:SHARE, e.g. 10ms:25% [default: none].
+    #[arg(long, value_name = "SPEC")]
+    pub evict: Option<String>,
+    /// Seed of the pager's random choices (latency samples, eviction victims) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub pager_seed: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +165,19 @@ pub enum ConfigError {
     BadVcpuCount(u32),
     #[error(transparent)]
     CpuFeatures(#[from] cpuid::CpuidError),
+    #[error(transparent)]
+    Paging(#[from] crate::pager::LatencyError),
+    #[error("{0}")]
+    Evict(String),
+    #[error("{0} needs --pager uffd")]
+    NeedsPager(&'static str),
+    #[error("memory image {path}: {source}")]
+    MemoryImage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--pager-workers must be between 1 and 64")]
+    BadWorkerCount,
     #[error("kernel command line is {len} bytes; at most {max} fit")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -160,12 +228,20 @@ impl Settings {
             memory: self.memory.or(file.memory),
             cpu_features: self.cpu_features.or(file.cpu_features),
             apf: self.apf.or(file.apf),
+            pager: self.pager.or(file.pager),
+            memory_image: self.memory_image.or(file.memory_image),
+            fault_latency: self.fault_latency.or(file.fault_latency),
+            fault_order: self.fault_order.or(file.fault_order),
+            pager_workers: self.pager_workers.or(file.pager_workers),
+            evict: self.evict.or(file.evict),
+            pager_seed: self.pager_seed.or(file.pager_seed),
         }
     }
 
     /// Validates the settings into a `VmConfig`. `builtin` supplies the kernel when no path
     /// is given (the `demo` command).
     pub fn into_config(self, builtin: Option<KernelImage>) -> Result<VmConfig, ConfigError> {
+        let paging = self.paging_config()?;
         let kernel = match (self.kernel, builtin) {
             (Some(path), _) => {
                 check_readable_file(&path).map_err(|source| ConfigError::KernelFile {
@@ -214,7 +290,57 @@ impl Settings {
             memory_backend: self.memory.unwrap_or_default(),
             cpu_features: cpuid::parse_feature_edits(self.cpu_features.as_deref().unwrap_or(""))?,
             apf: self.apf.unwrap_or(Switch::On) == Switch::On,
+            paging,
         })
+    }
+
+    fn paging_config(&self) -> Result<Option<PagingConfig>, ConfigError> {
+        if self.pager.unwrap_or(PagerKind::None) == PagerKind::None {
+            let pager_only = [
+                (self.memory_image.is_some(), "--memory-image"),
+                (self.fault_latency.is_some(), "--fault-latency"),
+                (self.fault_order.is_some(), "--fault-order"),
+                (self.pager_workers.is_some(), "--pager-workers"),
+                (self.evict.is_some(), "--evict"),
+            ];
+            return match pager_only.iter().find(|(given, _)| *given) {
+                Some((_, flag)) => Err(ConfigError::NeedsPager(flag)),
+                None => Ok(None),
+            };
+        }
+        if let Some(path) = &self.memory_image {
+            check_readable_file(path).map_err(|source| ConfigError::MemoryImage {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let defaults = PagerConfig::default();
+        let workers = self.pager_workers.unwrap_or(defaults.workers);
+        if !(1..=64).contains(&workers) {
+            return Err(ConfigError::BadWorkerCount);
+        }
+        let pager = PagerConfig {
+            latency: match &self.fault_latency {
+                Some(spec) => LatencyModel::parse(spec)?,
+                None => defaults.latency,
+            },
+            order: match &self.fault_order {
+                Some(spec) => FaultOrder::parse(spec)?,
+                None => defaults.order,
+            },
+            workers,
+            evict: self
+                .evict
+                .as_deref()
+                .map(EvictPolicy::parse)
+                .transpose()
+                .map_err(ConfigError::Evict)?,
+            seed: self.pager_seed.unwrap_or(defaults.seed),
+        };
+        Ok(Some(PagingConfig {
+            memory_image: self.memory_image.clone(),
+            pager,
+        }))
     }
 }
 
@@ -296,12 +422,29 @@ mod tests {
         assert!(!cfg.apf);
         assert_eq!(cfg.cpu_features.len(), 1);
         assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert!(cfg.paging.is_none());
+    }
+
+    #[test]
+    fn pager_settings_validate_into_a_pager_config() {
+        let k = kernel_file();
+        let s: Settings = toml::from_str(&format!(
+            "kernel = {:?}\npager = \"uffd\"\nfault_latency = \"5ms-30ms\"\n\
+             fault_order = \"reverse:8\"\nevict = \"10ms:25%\"\npager_workers = 3",
+            k.as_path()
+        ))
+        .unwrap();
+        let paging = s.into_config(None).unwrap().paging.unwrap();
+        assert_eq!(paging.pager.order, FaultOrder::Reverse(8));
+        assert_eq!(paging.pager.workers, 3);
+        assert!(paging.pager.evict.is_some());
+        assert!(paging.memory_image.is_none());
     }
 
     #[test]
     fn bad_settings_are_named() {
         let k = kernel_file();
-        let with = |f: fn(&mut Settings)| {
+        let with = |f: &dyn Fn(&mut Settings)| {
             let mut s = Settings {
                 kernel: Some(k.as_path().to_path_buf()),
                 ..Default::default()
@@ -309,17 +452,29 @@ mod tests {
             f(&mut s);
             s.into_config(None).unwrap_err().to_string()
         };
-        assert!(with(|s| s.vcpus = Some(0)).contains("--vcpus 0"));
-        assert!(with(|s| s.mem = Some("1M".into())).contains("too small"));
+        assert!(with(&|s| s.vcpus = Some(0)).contains("--vcpus 0"));
+        assert!(with(&|s| s.mem = Some("1M".into())).contains("too small"));
         assert!(
-            with(|s| s.kernel = Some("/nonexistent/vmlinux".into()))
+            with(&|s| s.kernel = Some("/nonexistent/vmlinux".into()))
                 .contains("/nonexistent/vmlinux")
         );
-        assert!(with(|s| s.kernel = Some("/".into())).contains("directory"));
-        assert!(with(|s| s.kernel = Some("/dev/null".into())).contains("neither an ELF"));
-        assert!(with(|s| s.initrd = Some("/nonexistent/initrd".into())).contains("initrd"));
-        assert!(with(|s| s.cpu_features = Some("-bogus".into())).contains("bogus"));
-        assert!(with(|s| s.cmdline = Some("x".repeat(5000))).contains("command line"));
+        assert!(with(&|s| s.kernel = Some("/".into())).contains("directory"));
+        assert!(with(&|s| s.kernel = Some("/dev/null".into())).contains("neither an ELF"));
+        assert!(with(&|s| s.initrd = Some("/nonexistent/initrd".into())).contains("initrd"));
+        assert!(with(&|s| s.cpu_features = Some("-bogus".into())).contains("bogus"));
+        assert!(with(&|s| s.cmdline = Some("x".repeat(5000))).contains("command line"));
+        assert!(with(&|s| s.fault_latency = Some("5ms".into())).contains("needs --pager uffd"));
+        let paged = |f: fn(&mut Settings)| {
+            with(&|s| {
+                s.pager = Some(PagerKind::Uffd);
+                f(s)
+            })
+        };
+        assert!(paged(|s| s.fault_latency = Some("fast".into())).contains("--fault-latency"));
+        assert!(paged(|s| s.fault_order = Some("reverse:0".into())).contains("--fault-order"));
+        assert!(paged(|s| s.evict = Some("10ms".into())).contains("--evict"));
+        assert!(paged(|s| s.pager_workers = Some(0)).contains("--pager-workers"));
+        assert!(paged(|s| s.memory_image = Some("/nonexistent/ram".into())).contains("/nonexistent/ram"));
         assert!(matches!(
             Settings::default().into_config(None),
             Err(ConfigError::NoKernel)

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{KernelImage, Settings, Switch};
-use vmm::memory::MemoryBackend;
+use vmm::config::{KernelImage, Settings};
 use vmm::vm::{self, VmOutcome};
 
 #[derive(Parser)]
@@ -32,30 +31,8 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Kernel image: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
-    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
-    cmdline: Option<String>,
-    /// Number of vCPUs [default: 1].
-    #[arg(long, value_name = "N")]
-    vcpus: Option<u32>,
-    /// Guest RAM, e.g. 256M or 1G; a bare number is MiB [default: 128M].
-    #[arg(long, value_name = "SIZE")]
-    mem: Option<String>,
-    /// What backs guest RAM [default: anon].
-    #[arg(long, value_enum)]
-    memory: Option<MemoryBackend>,
-    /// CPUID edits: +feature/-feature, comma-separated, or a template (emulated-kernel).
-    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
-    cpu_features: Option<String>,
-    /// Advertise KVM async page faults to the guest [default: on].
-    #[arg(long, value_enum)]
-    apf: Option<Switch>,
+    #[command(flatten)]
+    settings: Settings,
     /// Read settings from a TOML file; flags given here win over it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -66,16 +43,7 @@ struct RunArgs {
 
 impl RunArgs {
     fn settings(&self) -> Result<Settings, vmm::config::ConfigError> {
-        let flags = Settings {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
-            vcpus: self.vcpus,
-            mem: self.mem.clone(),
-            memory: self.memory,
-            cpu_features: self.cpu_features.clone(),
-            apf: self.apf,
-        };
+        let flags = self.settings.clone();
         Ok(match &self.config {
             Some(path) => flags.merge(Settings::from_toml_file(path)?),
             None => flags,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::{DebugExit, GuestStop, I8042, SerialConsole};
+use devices::{DebugExit, EvictionRequests, GuestStop, I8042, PagerControl, SerialConsole};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -32,6 +32,7 @@ use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{KernelImage, VmConfig};
 use crate::console::{RawTerminal, SerialInput, stdin_is_pollable};
 use crate::memory::{self, MemoryError};
+use crate::pager::{PageStore, Pager, PagerError, StoreError};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuFault};
 use crate::vm_stop::{StopReason, VmStop};
 
@@ -87,6 +88,10 @@ pub enum VmError {
     Mptable(#[from] MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Pager(#[from] PagerError),
+    #[error(transparent)]
+    PageStore(#[from] StoreError),
     #[error("setting up the event loop: {0}")]
     Events(String),
     #[error("{0}")]
@@ -220,6 +225,7 @@ fn load_cmdline(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<usize, VmErr
 fn create_devices(
     vm: &VmFd,
     stop: &Arc<VmStop>,
+    pager: Option<&Arc<Pager>>,
 ) -> Result<(IoManager, Arc<Mutex<SerialConsole>>), VmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Events(e.to_string()))?;
     vm.register_irqfd(&irq, devices::serial::COM1_IRQ)
@@ -250,7 +256,47 @@ fn create_devices(
         range(dx::DEBUG_EXIT_PORT, dx::DEBUG_EXIT_PORT_LEN),
         Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
     )?;
+    if let Some(pager) = pager {
+        use devices::pager_control as pc;
+        register(
+            &mut io,
+            range(pc::PAGER_CONTROL_PORT, pc::PAGER_CONTROL_PORT_LEN),
+            Arc::new(Mutex::new(PagerControl::new(pager.clone()))),
+        )?;
+    }
     Ok((io, serial))
+}
+
+impl EvictionRequests for Pager {
+    fn evict(&self, first_pfn: u64, count: u64) -> u64 {
+        self.evict_range(first_pfn, count)
+    }
+}
+
+/// Starts host paging of all guest RAM; pages written so far (kernel, boot data) stay
+/// resident. A pager failure stops the VM with its message.
+fn start_pager(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    stop: &Arc<VmStop>,
+) -> Result<Option<Arc<Pager>>, VmError> {
+    let Some(paging) = &config.paging else {
+        return Ok(None);
+    };
+    let store = match &paging.memory_image {
+        Some(path) => PageStore::image(path)?,
+        None => PageStore::Zero,
+    };
+    let stop = stop.clone();
+    let on_fatal = Box::new(move |message: String| {
+        stop.request(StopReason::Vmm(format!("host paging failed: {message}")))
+    });
+    Ok(Some(Arc::new(Pager::start(
+        mem,
+        store,
+        paging.pager.clone(),
+        on_fatal,
+    )?)))
 }
 
 /// Wakes the event loop when a stop is requested.
@@ -391,8 +437,6 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     mptable::setup_mptable(&mem, config.vcpus)?;
 
     let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
-    let (io, serial) = create_devices(&vm, &stop)?;
-    let io = Arc::new(io);
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -412,6 +456,11 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         vcpus.push(vcpu);
     }
 
+    // Paging starts once the VMM has written all it writes into guest memory.
+    let pager = start_pager(&mem, config, &stop)?;
+    let (io, serial) = create_devices(&vm, &stop, pager.as_ref())?;
+    let io = Arc::new(io);
+
     vcpu::register_kick_handler()
         .map_err(|e| VmError::Events(format!("installing the vCPU kick handler: {e}")))?;
     let signals = SignalListener::new(stop.clone())?;
@@ -420,9 +469,17 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     let mut handles = Vec::new();
     for vcpu in vcpus {
         let (io, mem, stop) = (io.clone(), mem.clone(), stop.clone());
+        let pager = pager.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || vcpu.run_loop(io, mem, stop))
+            .spawn(move || {
+                if let Some(pager) = pager {
+                    // Faults raised by this thread stall the vCPU itself (guest kernel mode).
+                    // SAFETY: gettid has no preconditions.
+                    pager.add_sync_thread(unsafe { libc::gettid() });
+                }
+                vcpu.run_loop(io, mem, stop)
+            })
             .map_err(|e| VmError::Vmm(format!("spawning a vCPU thread: {e}")))?;
         handles.push(handle);
     }
@@ -432,6 +489,10 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         stop.request(StopReason::Vmm(e.to_string()));
     }
     stop_vcpus(handles)?;
+    if let Some(pager) = &pager {
+        pager.stop();
+        eprintln!("apfvm: pager: {}", pager.stats().summary_json());
+    }
     loop_result?;
     // `vm` and `mem` outlive every vCPU thread: both are dropped only here.
     drop(vm);
