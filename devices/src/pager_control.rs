@@ -57,7 +57,9 @@ impl MutDevicePio for PagerControl {
             0 => self.first_pfn = le_u32(data),
             4 => {
                 let count = le_u32(data);
-                let evicted = self.pager.evict(u64::from(self.first_pfn), u64::from(count));
+                let evicted = self
+                    .pager
+                    .evict(u64::from(self.first_pfn), u64::from(count));
                 self.last_evicted = u32::try_from(evicted).unwrap_or(u32::MAX);
             }
             _ => {}

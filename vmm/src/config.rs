@@ -474,7 +474,10 @@ mod tests {
         assert!(paged(|s| s.fault_order = Some("reverse:0".into())).contains("--fault-order"));
         assert!(paged(|s| s.evict = Some("10ms".into())).contains("--evict"));
         assert!(paged(|s| s.pager_workers = Some(0)).contains("--pager-workers"));
-        assert!(paged(|s| s.memory_image = Some("/nonexistent/ram".into())).contains("/nonexistent/ram"));
+        assert!(
+            paged(|s| s.memory_image = Some("/nonexistent/ram".into()))
+                .contains("/nonexistent/ram")
+        );
         assert!(matches!(
             Settings::default().into_config(None),
             Err(ConfigError::NoKernel)

@@ -57,7 +57,9 @@ impl LatencyModel {
     pub fn parse(spec: &str) -> Result<LatencyModel, LatencyError> {
         let bad = || LatencyError::BadLatency(spec.to_string());
         if let Some(mean) = spec.strip_prefix("exp:") {
-            return Ok(LatencyModel::Exponential(parse_duration(mean).ok_or_else(bad)?));
+            return Ok(LatencyModel::Exponential(
+                parse_duration(mean).ok_or_else(bad)?,
+            ));
         }
         if let Some((lo, hi)) = spec.split_once('-') {
             let (lo, hi) = (
@@ -150,18 +152,28 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         let m = LatencyModel::parse("5ms-30ms").unwrap();
         let samples: Vec<_> = (0..1000).map(|_| m.sample(&mut rng)).collect();
-        assert!(samples.iter().all(|d| *d >= Duration::from_millis(5) && *d <= Duration::from_millis(30)));
+        assert!(
+            samples
+                .iter()
+                .all(|d| *d >= Duration::from_millis(5) && *d <= Duration::from_millis(30))
+        );
         assert!(samples.iter().any(|d| *d < Duration::from_millis(10)));
         assert!(samples.iter().any(|d| *d > Duration::from_millis(25)));
         let e = LatencyModel::parse("exp:1ms").unwrap();
-        let mean: f64 = (0..20_000).map(|_| e.sample(&mut rng).as_secs_f64()).sum::<f64>() / 20_000.0;
+        let mean: f64 = (0..20_000)
+            .map(|_| e.sample(&mut rng).as_secs_f64())
+            .sum::<f64>()
+            / 20_000.0;
         assert!((0.0009..0.0011).contains(&mean), "mean {mean}");
     }
 
     #[test]
     fn parses_orders() {
         assert_eq!(FaultOrder::parse("arrival").unwrap(), FaultOrder::Arrival);
-        assert_eq!(FaultOrder::parse("reverse:8").unwrap(), FaultOrder::Reverse(8));
+        assert_eq!(
+            FaultOrder::parse("reverse:8").unwrap(),
+            FaultOrder::Reverse(8)
+        );
         assert!(FaultOrder::parse("reverse:1").is_err());
         assert!(FaultOrder::parse("random").is_err());
     }

@@ -146,7 +146,9 @@ impl RamLayout {
             None => {
                 // SAFETY: the run lies inside a guest RAM mapping owned by this VM; dropping
                 // its contents is the point (the pager saved them first).
-                let rc = unsafe { libc::madvise(run.host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+                let rc = unsafe {
+                    libc::madvise(run.host as *mut libc::c_void, len, libc::MADV_DONTNEED)
+                };
                 if rc != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -185,7 +187,11 @@ mod tests {
             mem.write_obj(0x1111u32, GuestAddress(0x3000)).unwrap();
             let ram = RamLayout::new(&mem);
             ram.drop_pages(ram.runs(&[2])[0]).unwrap();
-            assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0, "{backend:?}");
+            assert_eq!(
+                mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(),
+                0,
+                "{backend:?}"
+            );
             assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0x1111);
         }
     }

@@ -28,7 +28,11 @@ pub enum PageStore {
     Zero,
     /// A file laid out like guest RAM: offset = RAM offset (see `RamLayout`). Pages past its
     /// end read as zeros.
-    Image { file: File, path: PathBuf, len: u64 },
+    Image {
+        file: File,
+        path: PathBuf,
+        len: u64,
+    },
 }
 
 impl PageStore {
