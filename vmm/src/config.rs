@@ -76,6 +76,14 @@ pub struct VmConfig {
     pub cpu_features: Vec<FeatureEdit>,
     pub apf: bool,
     pub paging: Option<PagingConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where and how often metrics are written (`--metrics-file`).
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub path: PathBuf,
+    pub interval: std::time::Duration,
 }
 
 /// Settings as given by the user, each optional: the CLI's flags and the TOML file
@@ -128,6 +136,12 @@ pub struct Settings {
     /// Seed of the pager's random choices (latency samples, eviction victims) [default: 1].
     #[arg(long, value_name = "N")]
     pub pager_seed: Option<u64>,
+    /// Write metrics as JSON lines to this file (fields: docs/metrics.md).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+    /// How often a metrics line is written [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub metrics_interval: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +190,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    #[error("bad --metrics-interval '{0}': use a duration of at least 10ms, e.g. 500ms or 2s")]
+    BadMetricsInterval(String),
     #[error("--pager-workers must be between 1 and 64")]
     BadWorkerCount,
     #[error("kernel command line is {len} bytes; at most {max} fit")]
@@ -235,6 +251,8 @@ impl Settings {
             pager_workers: self.pager_workers.or(file.pager_workers),
             evict: self.evict.or(file.evict),
             pager_seed: self.pager_seed.or(file.pager_seed),
+            metrics_file: self.metrics_file.or(file.metrics_file),
+            metrics_interval: self.metrics_interval.or(file.metrics_interval),
         }
     }
 
@@ -242,6 +260,7 @@ impl Settings {
     /// is given (the `demo` command).
     pub fn into_config(self, builtin: Option<KernelImage>) -> Result<VmConfig, ConfigError> {
         let paging = self.paging_config()?;
+        let metrics = self.metrics_config()?;
         let kernel = match (self.kernel, builtin) {
             (Some(path), _) => {
                 check_readable_file(&path).map_err(|source| ConfigError::KernelFile {
@@ -291,7 +310,21 @@ impl Settings {
             cpu_features: cpuid::parse_feature_edits(self.cpu_features.as_deref().unwrap_or(""))?,
             apf: self.apf.unwrap_or(Switch::On) == Switch::On,
             paging,
+            metrics,
         })
+    }
+
+    fn metrics_config(&self) -> Result<Option<MetricsConfig>, ConfigError> {
+        let interval = match &self.metrics_interval {
+            Some(spec) => crate::pager::parse_duration(spec)
+                .filter(|d| *d >= std::time::Duration::from_millis(10))
+                .ok_or_else(|| ConfigError::BadMetricsInterval(spec.clone()))?,
+            None => std::time::Duration::from_secs(1),
+        };
+        Ok(self.metrics_file.as_ref().map(|path| MetricsConfig {
+            path: path.clone(),
+            interval,
+        }))
     }
 
     fn paging_config(&self) -> Result<Option<PagingConfig>, ConfigError> {

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod config;
 pub mod console;
 pub mod memory;
+pub mod metrics;
 pub mod pager;
 pub mod vcpu;
 pub mod vm;

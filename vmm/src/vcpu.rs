@@ -8,6 +8,8 @@
 use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use kvm_bindings::{CpuId, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -16,6 +18,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{loader::LoadedKernel, msrs, regs};
+use crate::metrics::VcpuMetrics;
 use crate::vm_stop::{StopReason, VmStop};
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -181,11 +184,17 @@ impl Vcpu {
     }
 
     /// The KVM_RUN loop; returns when the VM stops (by request or because of this vCPU).
-    pub fn run_loop(mut self, io: Arc<IoManager>, mem: GuestMemoryMmap, stop: Arc<VmStop>) {
+    pub fn run_loop(
+        mut self,
+        io: Arc<IoManager>,
+        mem: GuestMemoryMmap,
+        stop: Arc<VmStop>,
+        metrics: Arc<VcpuMetrics>,
+    ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         while !stop.is_requested() {
-            if let Some(fault) = self.run_once(&io, &mem, &stop) {
+            if let Some(fault) = self.run_once(&io, &mem, &stop, &metrics) {
                 stop.request(StopReason::Fault(fault));
             }
         }
@@ -198,8 +207,15 @@ impl Vcpu {
         io: &IoManager,
         mem: &GuestMemoryMmap,
         stop: &VmStop,
+        metrics: &VcpuMetrics,
     ) -> Option<VcpuFault> {
-        let reason = match self.fd.run() {
+        let entered = Instant::now();
+        let exit = self.fd.run();
+        metrics
+            .run_ns
+            .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        metrics.exits.fetch_add(1, Ordering::Relaxed);
+        let reason = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if io.pio_read(PioAddress(port), data).is_err() {
                     // No device: the bus floats high, as on a PC.

@@ -32,6 +32,7 @@ use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{KernelImage, VmConfig};
 use crate::console::{RawTerminal, SerialInput, stdin_is_pollable};
 use crate::memory::{self, MemoryError};
+use crate::metrics::{MetricsWriter, VcpuMetrics};
 use crate::pager::{PageStore, Pager, PagerError, StoreError};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuFault};
 use crate::vm_stop::{StopReason, VmStop};
@@ -299,6 +300,21 @@ fn start_pager(
     )?)))
 }
 
+/// One metrics line: every vCPU and, with host paging, the pager.
+fn metrics_sampler(
+    vcpus: Vec<Arc<VcpuMetrics>>,
+    pager: Option<Arc<Pager>>,
+) -> crate::metrics::Sampler {
+    Box::new(move || {
+        let vcpus: Vec<serde_json::Value> =
+            vcpus.iter().enumerate().map(|(i, m)| m.json(i)).collect();
+        let pager = pager
+            .as_ref()
+            .map_or(serde_json::Value::Null, |p| p.stats().summary_json());
+        serde_json::json!({ "vcpus": vcpus, "pager": pager })
+    })
+}
+
 /// Wakes the event loop when a stop is requested.
 struct StopListener(Arc<VmStop>);
 
@@ -413,6 +429,11 @@ fn stop_vcpus(handles: Vec<JoinHandle<()>>) -> Result<(), VmError> {
 
 /// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
 pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
+    // Stop signals are blocked before any thread exists (threads inherit the mask), so they
+    // always reach the signalfd instead of killing the process from some helper thread.
+    let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
+    let signals = SignalListener::new(stop.clone())?;
+    let _mask = SignalMaskGuard;
     let kvm = open_kvm(kvm_path)?;
     check_kvm(&kvm, config)?;
     let vm = create_vm(&kvm)?;
@@ -435,8 +456,6 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     let e820 = boot::e820_map(&memory::ram_ranges(config.mem_size));
     boot::write_boot_info(&mem, &kernel, &e820, cmdline_len, initrd)?;
     mptable::setup_mptable(&mem, config.vcpus)?;
-
-    let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -463,26 +482,46 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
 
     vcpu::register_kick_handler()
         .map_err(|e| VmError::Events(format!("installing the vCPU kick handler: {e}")))?;
-    let signals = SignalListener::new(stop.clone())?;
-    let _mask = SignalMaskGuard;
 
+    let vcpu_metrics: Vec<Arc<VcpuMetrics>> = vcpus
+        .iter()
+        .map(|_| Arc::new(VcpuMetrics::default()))
+        .collect();
     let mut handles = Vec::new();
     for vcpu in vcpus {
         let (io, mem, stop) = (io.clone(), mem.clone(), stop.clone());
         let pager = pager.clone();
+        let metrics = vcpu_metrics[usize::from(vcpu.index)].clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || {
                 if let Some(pager) = pager {
                     // Faults raised by this thread stall the vCPU itself (guest kernel mode).
                     // SAFETY: gettid has no preconditions.
-                    pager.add_sync_thread(unsafe { libc::gettid() });
+                    pager.add_sync_thread(unsafe { libc::gettid() }, metrics.sync_faults.clone());
                 }
-                vcpu.run_loop(io, mem, stop)
+                vcpu.run_loop(io, mem, stop, metrics)
             })
             .map_err(|e| VmError::Vmm(format!("spawning a vCPU thread: {e}")))?;
         handles.push(handle);
     }
+
+    let metrics_writer = match &config.metrics {
+        Some(m) => {
+            let sample = metrics_sampler(vcpu_metrics.clone(), pager.clone());
+            let writer = MetricsWriter::start(&m.path, m.interval, sample).map_err(|e| {
+                VmError::Vmm(format!("cannot write metrics to {}: {e}", m.path.display()))
+            });
+            match writer {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    stop.request(StopReason::Vmm(e.to_string()));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     let loop_result = run_event_loop(&stop, serial, signals);
     if let Err(e) = &loop_result {
@@ -492,6 +531,11 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     if let Some(pager) = &pager {
         pager.stop();
         eprintln!("apfvm: pager: {}", pager.stats().summary_json());
+    }
+    if let Some(writer) = metrics_writer {
+        writer
+            .finish()
+            .map_err(|e| VmError::Vmm(format!("writing metrics: {e}")))?;
     }
     loop_result?;
     // `vm` and `mem` outlive every vCPU thread: both are dropped only here.

@@ -21,6 +21,8 @@ mod store;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use crate::metrics::{LatencyHistogram, StallCounter};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -130,7 +132,7 @@ struct PageTable {
 }
 
 /// Counters of what the pager did; read at any time.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PagerStats {
     pub faults: AtomicU64,
     pub faults_sync: AtomicU64,
@@ -143,8 +145,11 @@ pub struct PagerStats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub queue_depth_max: AtomicU64,
-    pub service_ns_total: AtomicU64,
-    pub service_ns_max: AtomicU64,
+    /// Fault message to page mapped, for faults that stalled a vCPU thread outright.
+    pub service_sync: LatencyHistogram,
+    /// The same for faults the guest could wait for asynchronously (through the latency
+    /// model and the queue).
+    pub service_async: LatencyHistogram,
 }
 
 impl PagerStats {
@@ -154,7 +159,6 @@ impl PagerStats {
 
     pub fn summary_json(&self) -> serde_json::Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let served = get(&self.served_from_store) + get(&self.restored_from_swap);
         serde_json::json!({
             "faults": get(&self.faults),
             "faults_sync": get(&self.faults_sync),
@@ -167,14 +171,23 @@ impl PagerStats {
             "bytes_in": get(&self.bytes_in),
             "bytes_out": get(&self.bytes_out),
             "queue_depth_max": get(&self.queue_depth_max),
-            "service_us_mean": get(&self.service_ns_total) / served.max(1) / 1000,
-            "service_us_max": get(&self.service_ns_max) / 1000,
+            "service_sync": self.service_sync.summary(),
+            "service_async": self.service_async.summary(),
         })
     }
 }
 
-/// A fetch waiting for its due time; ordered by (due, sequence).
+/// A fetch waiting for its due time; ordered by (due, sequence); carries the page and when
+/// its fault arrived.
 type Pending = Reverse<(Instant, u64, u64, Instant)>;
+
+/// Who waits for a page being served.
+enum Waiter<'a> {
+    /// A vCPU thread, stalled until the page is there.
+    Sync(&'a StallCounter),
+    /// A kworker (KVM async PF) or any other thread.
+    Async,
+}
 
 struct FetchQueue {
     heap: Mutex<BinaryHeap<Pending>>,
@@ -188,8 +201,9 @@ struct Shared {
     pages: Mutex<PageTable>,
     queue: FetchQueue,
     stats: PagerStats,
-    /// Threads whose faults are synchronous (vCPU threads): served without latency.
-    sync_threads: RwLock<HashSet<i32>>,
+    /// Threads whose faults are synchronous (vCPU threads): served without latency, their
+    /// wait counted on their stall counter.
+    sync_threads: RwLock<HashMap<i32, Arc<StallCounter>>>,
     stopping: AtomicBool,
     stop_event: EventFd,
     config: PagerConfig,
@@ -256,7 +270,7 @@ impl Pager {
                 ready: Condvar::new(),
             },
             stats: PagerStats::default(),
-            sync_threads: RwLock::new(HashSet::new()),
+            sync_threads: RwLock::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Thread)?,
             config: config.clone(),
@@ -304,13 +318,14 @@ impl Pager {
         Ok(())
     }
 
-    /// Marks a thread whose faults block a vCPU outright (the vCPU's own thread).
-    pub fn add_sync_thread(&self, tid: i32) {
+    /// Marks a thread whose faults block a vCPU outright (the vCPU's own thread); the time
+    /// it waits for pages is added to `stalls`.
+    pub fn add_sync_thread(&self, tid: i32, stalls: Arc<StallCounter>) {
         self.shared
             .sync_threads
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(tid);
+            .insert(tid, stalls);
     }
 
     /// Evicts the resident pages among `count` pages from guest-physical page frame
@@ -367,11 +382,12 @@ impl Shared {
         self.pages.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_sync_thread(&self, tid: i32) -> bool {
+    fn sync_thread(&self, tid: i32) -> Option<Arc<StallCounter>> {
         self.sync_threads
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&tid)
+            .get(&tid)
+            .cloned()
     }
 
     fn reader_loop(self: Arc<Self>) {
@@ -429,12 +445,16 @@ impl Shared {
                             match kind {
                                 FaultKind::WriteProtected => self.on_wp_fault(page),
                                 _ => {
-                                    let sync = self.is_sync_thread(thread_id.as_raw());
-                                    if let Some(page) = self.on_missing_fault(page, sync) {
-                                        if sync {
-                                            self.serve(page, Instant::now());
-                                        } else {
-                                            batch.push((page, Instant::now()));
+                                    let sync = self.sync_thread(thread_id.as_raw());
+                                    if let Some(page) = self.on_missing_fault(page, sync.is_some())
+                                    {
+                                        match &sync {
+                                            Some(stalls) => self.serve(
+                                                page,
+                                                Instant::now(),
+                                                Waiter::Sync(stalls),
+                                            ),
+                                            None => batch.push((page, Instant::now())),
                                         }
                                     }
                                 }
@@ -576,13 +596,13 @@ impl Shared {
             // Another worker may now have an earlier item to wait for.
             self.queue.ready.notify_one();
             let Reverse((_, _, page, arrived)) = item;
-            self.serve(page, arrived);
+            self.serve(page, arrived, Waiter::Async);
         }
     }
 
     /// Copies a page in (from swap if it was evicted, else from the store) and wakes every
     /// thread waiting for it.
-    fn serve(&self, page: u64, arrived: Instant) {
+    fn serve(&self, page: u64, arrived: Instant, waiter: Waiter) {
         let saved = self.lock_pages().swap.remove(&page);
         let from_swap = saved.is_some();
         let data = match saved {
@@ -625,9 +645,14 @@ impl Shared {
         };
         PagerStats::add(counter, 1);
         PagerStats::add(&stats.bytes_in, PAGE_SIZE as u64);
-        let ns = arrived.elapsed().as_nanos() as u64;
-        PagerStats::add(&stats.service_ns_total, ns);
-        stats.service_ns_max.fetch_max(ns, Ordering::Relaxed);
+        let waited = arrived.elapsed();
+        match waiter {
+            Waiter::Sync(stalls) => {
+                stalls.add(waited);
+                stats.service_sync.record(waited);
+            }
+            Waiter::Async => stats.service_async.record(waited),
+        }
     }
 
     /// Evicts those of `pages` that are resident: write-protect, save, drop, then release
