@@ -427,22 +427,10 @@ fn stop_vcpus(handles: Vec<JoinHandle<()>>) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
-pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
-    // Stop signals are blocked before any thread exists (threads inherit the mask), so they
-    // always reach the signalfd instead of killing the process from some helper thread.
-    let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
-    let signals = SignalListener::new(stop.clone())?;
-    let _mask = SignalMaskGuard;
-    let kvm = open_kvm(kvm_path)?;
-    check_kvm(&kvm, config)?;
-    let vm = create_vm(&kvm)?;
-
-    let mem = memory::create_guest_memory(config.mem_size, config.memory_backend)?;
-    memory::register_with_kvm(&vm, &mem)?;
-    let low_end = memory::low_ram_end(config.mem_size);
-
-    let kernel = load_kernel(&mem, low_end, &config.kernel)?;
+/// Loads the kernel, initrd and command line and writes the boot structures (memory map,
+/// boot params or PVH start info, MP table).
+fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, VmError> {
+    let kernel = load_kernel(mem, memory::low_ram_end(config.mem_size), &config.kernel)?;
     log::info!(
         "kernel {}: {:?}, entry {:#x} ({:?}), ends at {:#x}",
         config.kernel.describe(),
@@ -451,12 +439,23 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         kernel.mode,
         kernel.end
     );
-    let initrd = load_initrd(&mem, config, &kernel)?;
-    let cmdline_len = load_cmdline(&mem, config)?;
+    let initrd = load_initrd(mem, config, &kernel)?;
+    let cmdline_len = load_cmdline(mem, config)?;
     let e820 = boot::e820_map(&memory::ram_ranges(config.mem_size));
-    boot::write_boot_info(&mem, &kernel, &e820, cmdline_len, initrd)?;
-    mptable::setup_mptable(&mem, config.vcpus)?;
+    boot::write_boot_info(mem, &kernel, &e820, cmdline_len, initrd)?;
+    mptable::setup_mptable(mem, config.vcpus)?;
+    Ok(kernel)
+}
 
+/// Creates and configures every vCPU; vCPU 0 starts at the kernel's entry, the others wait
+/// for INIT/SIPI.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    kernel: &LoadedKernel,
+) -> Result<Vec<Vcpu>, VmError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -467,61 +466,89 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     };
     let mut vcpus = Vec::new();
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
+        let vcpu = Vcpu::new(vm, index)?;
         vcpu.configure(&cpuid::vcpu_cpuid(&supported, &cpuid_config, index))?;
         if index == 0 {
-            vcpu.configure_boot(&mem, &kernel)?;
+            vcpu.configure_boot(mem, kernel)?;
         }
         vcpus.push(vcpu);
     }
+    Ok(vcpus)
+}
 
-    // Paging starts once the VMM has written all it writes into guest memory.
-    let pager = start_pager(&mem, config, &stop)?;
-    let (io, serial) = create_devices(&vm, &stop, pager.as_ref())?;
-    let io = Arc::new(io);
-
-    vcpu::register_kick_handler()
-        .map_err(|e| VmError::Events(format!("installing the vCPU kick handler: {e}")))?;
-
-    let vcpu_metrics: Vec<Arc<VcpuMetrics>> = vcpus
-        .iter()
-        .map(|_| Arc::new(VcpuMetrics::default()))
-        .collect();
+/// Starts one thread per vCPU running its KVM_RUN loop.
+fn spawn_vcpus(
+    vcpus: Vec<Vcpu>,
+    io: &Arc<IoManager>,
+    mem: &GuestMemoryMmap,
+    stop: &Arc<VmStop>,
+    pager: Option<&Arc<Pager>>,
+    metrics: &[Arc<VcpuMetrics>],
+) -> Result<Vec<JoinHandle<()>>, VmError> {
     let mut handles = Vec::new();
     for vcpu in vcpus {
         let (io, mem, stop) = (io.clone(), mem.clone(), stop.clone());
-        let pager = pager.clone();
-        let metrics = vcpu_metrics[usize::from(vcpu.index)].clone();
+        let pager = pager.cloned();
+        let metrics = metrics[usize::from(vcpu.index)].clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || {
                 if let Some(pager) = pager {
                     // Faults raised by this thread stall the vCPU itself (guest kernel mode).
                     // SAFETY: gettid has no preconditions.
-                    pager.add_sync_thread(unsafe { libc::gettid() }, metrics.sync_faults.clone());
+                    let tid = unsafe { libc::gettid() };
+                    pager.add_sync_thread(tid, metrics.sync_faults.clone());
                 }
                 vcpu.run_loop(io, mem, stop, metrics)
             })
             .map_err(|e| VmError::Vmm(format!("spawning a vCPU thread: {e}")))?;
         handles.push(handle);
     }
+    Ok(handles)
+}
 
-    let metrics_writer = match &config.metrics {
-        Some(m) => {
-            let sample = metrics_sampler(vcpu_metrics.clone(), pager.clone());
-            let writer = MetricsWriter::start(&m.path, m.interval, sample).map_err(|e| {
-                VmError::Vmm(format!("cannot write metrics to {}: {e}", m.path.display()))
-            });
-            match writer {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    stop.request(StopReason::Vmm(e.to_string()));
-                    None
-                }
-            }
-        }
-        None => None,
+/// Starts `--metrics-file` output.
+fn start_metrics(
+    config: &VmConfig,
+    vcpus: &[Arc<VcpuMetrics>],
+    pager: Option<&Arc<Pager>>,
+) -> Result<Option<MetricsWriter>, VmError> {
+    let Some(m) = &config.metrics else {
+        return Ok(None);
     };
+    let sample = metrics_sampler(vcpus.to_vec(), pager.cloned());
+    MetricsWriter::start(&m.path, m.interval, sample)
+        .map(Some)
+        .map_err(|e| VmError::Vmm(format!("cannot write metrics to {}: {e}", m.path.display())))
+}
+
+/// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
+pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
+    // Stop signals are blocked before any thread exists (threads inherit the mask), so they
+    // always reach the signalfd instead of killing the process from some helper thread.
+    let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
+    let signals = SignalListener::new(stop.clone())?;
+    let _mask = SignalMaskGuard;
+    let kvm = open_kvm(kvm_path)?;
+    check_kvm(&kvm, config)?;
+    let vm = create_vm(&kvm)?;
+    let mem = memory::create_guest_memory(config.mem_size, config.memory_backend)?;
+    memory::register_with_kvm(&vm, &mem)?;
+    let kernel = load_guest(&mem, config)?;
+    let vcpus = create_vcpus(&kvm, &vm, &mem, config, &kernel)?;
+
+    // Paging starts once the VMM has written all it writes into guest memory.
+    let pager = start_pager(&mem, config, &stop)?;
+    let (io, serial) = create_devices(&vm, &stop, pager.as_ref())?;
+    let io = Arc::new(io);
+    vcpu::register_kick_handler()
+        .map_err(|e| VmError::Events(format!("installing the vCPU kick handler: {e}")))?;
+    let vcpu_metrics: Vec<Arc<VcpuMetrics>> = vcpus
+        .iter()
+        .map(|_| Arc::new(VcpuMetrics::default()))
+        .collect();
+    let metrics_writer = start_metrics(config, &vcpu_metrics, pager.as_ref())?;
+    let handles = spawn_vcpus(vcpus, &io, &mem, &stop, pager.as_ref(), &vcpu_metrics)?;
 
     let loop_result = run_event_loop(&stop, serial, signals);
     if let Err(e) = &loop_result {
