@@ -36,7 +36,12 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let src = manifest.join("../resources/guest");
+    // APFVM_GUEST_SOURCES builds the VMM against another copy of the guest sources (e.g.
+    // while the in-tree guest is being changed).
+    println!("cargo:rerun-if-env-changed=APFVM_GUEST_SOURCES");
+    let src = std::env::var_os("APFVM_GUEST_SOURCES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../resources/guest"));
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("reference-guest");
     std::fs::create_dir_all(&out).unwrap();
     println!("cargo:rerun-if-changed={}", src.display());

@@ -3,11 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const APFVM: &str = env!("CARGO_BIN_EXE_apfvm");
 pub const REFERENCE_GUEST: &str = env!("APFVM_REFERENCE_GUEST");
@@ -56,14 +54,6 @@ impl Run {
     }
 }
 
-fn drain<R: Read + Send + 'static>(mut pipe: R) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
 /// Spawns apfvm with `args` (stdin closed to /dev/null, as in CI).
 pub fn spawn(args: &[&str]) -> Child {
     Command::new(APFVM)
@@ -77,33 +67,18 @@ pub fn spawn(args: &[&str]) -> Child {
 
 /// Waits for a spawned apfvm; a run past `limit` is killed and fails the test: apfvm must
 /// never hang.
-pub fn wait(mut child: Child, limit: Duration) -> Run {
-    let start = Instant::now();
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for apfvm") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let status = child.wait().unwrap();
-            let run = Run {
-                status,
-                stdout: out.join().unwrap(),
-                stderr: err.join().unwrap(),
-                elapsed: start.elapsed(),
-            };
-            panic!("apfvm did not finish within {limit:?}: {}", run.describe());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+pub fn wait(child: Child, limit: Duration) -> Run {
+    let done = vmm::child::wait_with_limit(child, limit).expect("wait for apfvm");
+    let run = Run {
+        status: done.status,
+        stdout: done.stdout,
+        stderr: done.stderr,
+        elapsed: done.elapsed,
     };
-    Run {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-        elapsed: start.elapsed(),
+    if done.timed_out {
+        panic!("apfvm did not finish within {limit:?}: {}", run.describe());
     }
+    run
 }
 
 pub fn apfvm(args: &[&str], limit: Duration) -> Run {

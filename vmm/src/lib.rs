@@ -6,6 +6,8 @@
 
 pub mod apf;
 pub mod arch;
+pub mod bench;
+pub mod child;
 pub mod config;
 pub mod console;
 pub mod memory;

@@ -27,6 +27,55 @@ enum Command {
     Run(RunArgs),
     /// Boot the built-in reference guest (the same flags as `run`; --kernel is optional).
     Demo(RunArgs),
+    /// Measure guest stalls: busy-task ops rate and fault latency with async PF off/on
+    /// against a no-fault baseline and the bare userfaultfd floor (JSON + SVG report).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Directory for bench.json and bench.svg.
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    output: PathBuf,
+    /// vCPU counts to run every case with.
+    #[arg(long, value_name = "LIST", default_value = "1,2")]
+    vcpus_list: String,
+    /// Fetch latencies of the paging cases.
+    #[arg(long, value_name = "LIST", default_value = vmm::bench::DEFAULT_LATENCIES)]
+    latencies: String,
+    /// Pages faulted in per vCPU in each case.
+    #[arg(long, value_name = "N", default_value_t = vmm::bench::DEFAULT_PAGES_PER_VCPU)]
+    pages_per_vcpu: u32,
+    /// Pages the floor measurement faults in.
+    #[arg(long, value_name = "N", default_value_t = vmm::bench::DEFAULT_FLOOR_PAGES)]
+    floor_pages: u64,
+    /// KVM device to open.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    kvm_device: String,
+}
+
+fn bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let vcpus = vmm::bench::parse_list(&args.vcpus_list)
+        .iter()
+        .map(|v| v.parse::<u8>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| vmm::bench::BenchError::BadVcpus)?;
+    let opts = vmm::bench::BenchOptions {
+        output: args.output.clone(),
+        vcpus,
+        latencies: vmm::bench::parse_list(&args.latencies),
+        pages_per_vcpu: args.pages_per_vcpu,
+        floor_pages: args.floor_pages,
+        kvm_device: args.kvm_device.clone(),
+    };
+    let report = vmm::bench::run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!(
+        "apfvm bench: wrote {} and {}",
+        args.output.join("bench.json").display(),
+        args.output.join("bench.svg").display()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -65,6 +114,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Bench(args) => {
+            return match bench(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("apfvm: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Run(args) => run(args, None),
         Command::Demo(args) => run(
             args,

@@ -472,8 +472,14 @@ impl Shared {
             match self.config.order {
                 FaultOrder::Arrival => {
                     for (page, arrived) in batch.drain(..) {
-                        let due = arrived + self.config.latency.sample(&mut rng);
-                        self.enqueue(page, due, arrived);
+                        let latency = self.config.latency.sample(&mut rng);
+                        if latency.is_zero() {
+                            // Nothing to wait for: a handoff to a worker would only add a
+                            // cross-thread wake-up to the fault's latency.
+                            self.serve(page, arrived, Waiter::Async);
+                        } else {
+                            self.enqueue(page, arrived + latency, arrived);
+                        }
                     }
                 }
                 FaultOrder::Reverse(n) => {

@@ -1,0 +1,295 @@
+//! `apfvm bench`: how much guest work host page faults cost, with and without async page
+//! faults, against a no-fault baseline measured in the same run.
+//!
+//! Each case boots the reference guest (a child `apfvm demo`) with toucher tasks that fault
+//! pages in and busy tasks that count work on the same vCPUs:
+//! - baseline: no host paging (no faults);
+//! - apf off: host paging with a fetch latency, async PF hidden (a fault stalls the vCPU);
+//! - apf on: the same with async PF (the guest runs busy tasks while a toucher waits).
+//!
+//! The guest stall shows as the busy tasks' ops rate relative to the baseline. The pager's
+//! fault service latency is compared with the floor: a host thread faulting pages through
+//! the same pager with no KVM in the way.
+
+pub mod floor;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::child::wait_with_limit;
+use crate::pager::parse_duration;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub output: PathBuf,
+    pub vcpus: Vec<u8>,
+    pub latencies: Vec<String>,
+    /// Pages each vCPU's touchers fault in per case.
+    pub pages_per_vcpu: u32,
+    pub floor_pages: u64,
+    pub kvm_device: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bad --latencies entry '{0}': use durations like 100us,1ms,10ms")]
+    BadLatency(String),
+    #[error("--vcpus-list must name 1 to 8 vCPU counts between 1 and 8")]
+    BadVcpus,
+    #[error("cannot write the report to {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("running case {case}: {message}")]
+    Case { case: String, message: String },
+    #[error("floor measurement: {0}")]
+    Floor(#[from] crate::pager::PagerError),
+    #[error("drawing the chart: {0}")]
+    Chart(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Baseline,
+    ApfOff,
+    ApfOn,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::ApfOff => "apf-off",
+            Mode::ApfOn => "apf-on",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    vcpus: u8,
+    mode: Mode,
+    latency: Option<String>,
+}
+
+impl Case {
+    fn label(&self) -> String {
+        match &self.latency {
+            Some(l) => format!("{}vcpu {} {l}", self.vcpus, self.mode.name()),
+            None => format!("{}vcpu {}", self.vcpus, self.mode.name()),
+        }
+    }
+}
+
+/// What one case measured.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub label: String,
+    pub vcpus: u8,
+    pub mode: &'static str,
+    pub latency: Option<String>,
+    pub busy_ops_per_sec: f64,
+    pub ratio_to_baseline: f64,
+    pub pfaults: u64,
+    pub pages_per_sec: f64,
+    pub service: Value,
+    pub guest: Value,
+}
+
+fn cases(opts: &BenchOptions) -> Vec<Case> {
+    let mut all = Vec::new();
+    for &vcpus in &opts.vcpus {
+        all.push(Case {
+            vcpus,
+            mode: Mode::Baseline,
+            latency: None,
+        });
+        for latency in &opts.latencies {
+            for mode in [Mode::ApfOff, Mode::ApfOn] {
+                all.push(Case {
+                    vcpus,
+                    mode,
+                    latency: Some(latency.clone()),
+                });
+            }
+        }
+    }
+    all
+}
+
+/// The workload every case runs: per vCPU two touchers share `pages_per_vcpu` pages, and
+/// one busy task counts.
+fn guest_cmdline(opts: &BenchOptions, vcpus: u8) -> String {
+    format!(
+        "pages={} touchers=2 busy=1 passes=1 stall_us=50",
+        opts.pages_per_vcpu * u32::from(vcpus)
+    )
+}
+
+fn run_case(opts: &BenchOptions, case: &Case) -> Result<(Value, Option<Value>), BenchError> {
+    let err = |message: String| BenchError::Case {
+        case: case.label(),
+        message,
+    };
+    let exe = std::env::current_exe().map_err(|e| err(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["demo", "--mem", "128M", "--kvm-device", &opts.kvm_device]);
+    cmd.args(["--vcpus", &case.vcpus.to_string()]);
+    if let Some(latency) = &case.latency {
+        cmd.args(["--pager", "uffd", "--fault-latency", latency]);
+        cmd.args([
+            "--apf",
+            if case.mode == Mode::ApfOn {
+                "on"
+            } else {
+                "off"
+            },
+        ]);
+    }
+    cmd.args(["--cmdline", &guest_cmdline(opts, case.vcpus)]);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let out = wait_with_limit(child, CASE_LIMIT).map_err(|e| err(e.to_string()))?;
+    if out.timed_out {
+        return Err(err(format!("no result within {CASE_LIMIT:?}")));
+    }
+    let (stdout, stderr) = (&out.stdout, &out.stderr);
+    let result = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("APFVM-RESULT "))
+        .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .ok_or_else(|| err(format!("no guest result (exit {:?}): {stderr}", out.status)))?;
+    if result["verdict"] != "pass" || !out.status.success() {
+        return Err(err(format!("guest failed: {result} {stderr}")));
+    }
+    let pager = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("apfvm: pager: "))
+        .and_then(|l| serde_json::from_str::<Value>(l).ok());
+    Ok((result, pager))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(0.0)
+}
+
+/// Runs every case and the floor, writes `bench.json` and `bench.svg` into the output
+/// directory, and returns the report.
+pub fn run(opts: &BenchOptions) -> Result<Value, BenchError> {
+    for l in &opts.latencies {
+        parse_duration(l).ok_or_else(|| BenchError::BadLatency(l.clone()))?;
+    }
+    if opts.vcpus.is_empty()
+        || opts.vcpus.len() > 8
+        || opts.vcpus.iter().any(|v| !(1..=8).contains(v))
+    {
+        return Err(BenchError::BadVcpus);
+    }
+    let mut results: Vec<CaseResult> = Vec::new();
+    for case in cases(opts) {
+        eprintln!("apfvm bench: {} ...", case.label());
+        let (guest, pager) = run_case(opts, &case)?;
+        let seconds = num(&guest, "elapsed_us") / 1e6;
+        let busy_rate = num(&guest, "busy_ops") / seconds.max(1e-9);
+        let baseline = results
+            .iter()
+            .find(|r| r.vcpus == case.vcpus && r.mode == Mode::Baseline.name())
+            .map_or(busy_rate, |r| r.busy_ops_per_sec);
+        results.push(CaseResult {
+            label: case.label(),
+            vcpus: case.vcpus,
+            mode: case.mode.name(),
+            latency: case.latency.clone(),
+            busy_ops_per_sec: busy_rate,
+            ratio_to_baseline: busy_rate / baseline.max(1e-9),
+            pfaults: guest["pfaults"].as_u64().unwrap_or(0),
+            pages_per_sec: num(&guest, "pages_touched") / seconds.max(1e-9),
+            service: pager
+                .as_ref()
+                .map_or(Value::Null, |p| p["service_async"].clone()),
+            guest,
+        });
+    }
+    eprintln!("apfvm bench: floor (host thread, same pager, no KVM) ...");
+    let floor = floor::measure_floor(opts.floor_pages, 2)?;
+    let floor_p50 = floor.touch.summary()["p50_us"].as_f64().unwrap_or(0.0);
+    let report = json!({
+        "machine": machine_description(),
+        "workload": {
+            "guest": "reference",
+            "per_vcpu": { "touchers": 2, "busy": 1, "pages": opts.pages_per_vcpu },
+        },
+        "floor": {
+            "touch": floor.touch.summary(),
+            "service": floor.service,
+            "pages_per_sec": floor.pages_per_sec,
+        },
+        "cases": results.iter().map(|r| {
+            let p50 = r.service["p50_us"].as_f64();
+            json!({
+                "label": r.label,
+                "vcpus": r.vcpus,
+                "mode": r.mode,
+                "latency": r.latency,
+                "busy_ops_per_sec": r.busy_ops_per_sec,
+                "busy_ops_ratio_to_baseline": r.ratio_to_baseline,
+                "pfaults": r.pfaults,
+                "pages_per_sec": r.pages_per_sec,
+                "service": r.service,
+                "service_p50_ratio_to_floor": p50.map(|p| p / floor_p50.max(1.0)),
+            })
+        }).collect::<Vec<_>>(),
+    });
+    write_outputs(&opts.output, &report, &results)?;
+    Ok(report)
+}
+
+fn write_outputs(dir: &Path, report: &Value, results: &[CaseResult]) -> Result<(), BenchError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| BenchError::Output { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let json_path = dir.join("bench.json");
+    let text = serde_json::to_string_pretty(report).expect("report serializes");
+    std::fs::write(&json_path, text).map_err(io(&json_path))?;
+    report::draw_chart(&dir.join("bench.svg"), results).map_err(BenchError::Chart)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// For the CLI: `100us,1ms,10ms`.
+pub fn parse_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Default sizes keep a full run (14 guest boots) to a few minutes on hosts that emulate guest
+/// kernel mode.
+pub const DEFAULT_PAGES_PER_VCPU: u32 = 96;
+pub const DEFAULT_FLOOR_PAGES: u64 = 20_000;
+pub const DEFAULT_LATENCIES: &str = "100us,1ms,10ms";
+pub const CASE_LIMIT: Duration = Duration::from_secs(300);
