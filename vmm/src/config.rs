@@ -77,6 +77,7 @@ pub struct VmConfig {
     pub apf: bool,
     pub paging: Option<PagingConfig>,
     pub metrics: Option<MetricsConfig>,
+    pub kvm_trace: bool,
 }
 
 /// Where and how often metrics are written (`--metrics-file`).
@@ -142,6 +143,10 @@ pub struct Settings {
     /// How often a metrics line is written [default: 1s].
     #[arg(long, value_name = "DURATION")]
     pub metrics_interval: Option<String>,
+    /// Classify host faults with KVM's async PF tracepoints (needs root; docs/metrics.md).
+    #[arg(long)]
+    #[serde(default)]
+    pub kvm_trace: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +258,7 @@ impl Settings {
             pager_seed: self.pager_seed.or(file.pager_seed),
             metrics_file: self.metrics_file.or(file.metrics_file),
             metrics_interval: self.metrics_interval.or(file.metrics_interval),
+            kvm_trace: self.kvm_trace || file.kvm_trace,
         }
     }
 
@@ -311,6 +317,7 @@ impl Settings {
             apf: self.apf.unwrap_or(Switch::On) == Switch::On,
             paging,
             metrics,
+            kvm_trace: self.kvm_trace,
         })
     }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod child;
 pub mod config;
 pub mod console;
+pub mod kvm_trace;
 pub mod memory;
 pub mod metrics;
 pub mod pager;

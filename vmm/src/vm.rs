@@ -31,6 +31,7 @@ use crate::arch::x86_64::loader::{self, LoadedKernel, LoaderError};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{KernelImage, VmConfig};
 use crate::console::{RawTerminal, SerialInput, stdin_is_pollable};
+use crate::kvm_trace::{KvmTrace, TraceError};
 use crate::memory::{self, MemoryError};
 use crate::metrics::{MetricsWriter, VcpuMetrics};
 use crate::pager::{PageStore, Pager, PagerError, StoreError};
@@ -93,6 +94,8 @@ pub enum VmError {
     Pager(#[from] PagerError),
     #[error(transparent)]
     PageStore(#[from] StoreError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
     #[error("setting up the event loop: {0}")]
     Events(String),
     #[error("{0}")]
@@ -300,10 +303,11 @@ fn start_pager(
     )?)))
 }
 
-/// One metrics line: every vCPU and, with host paging, the pager.
+/// One metrics line: every vCPU and, when present, the pager and KVM's fault classes.
 fn metrics_sampler(
     vcpus: Vec<Arc<VcpuMetrics>>,
     pager: Option<Arc<Pager>>,
+    trace: Option<Arc<KvmTrace>>,
 ) -> crate::metrics::Sampler {
     Box::new(move || {
         let vcpus: Vec<serde_json::Value> =
@@ -311,7 +315,10 @@ fn metrics_sampler(
         let pager = pager
             .as_ref()
             .map_or(serde_json::Value::Null, |p| p.stats().summary_json());
-        serde_json::json!({ "vcpus": vcpus, "pager": pager })
+        let trace = trace
+            .as_ref()
+            .map_or(serde_json::Value::Null, |t| t.counts().json());
+        serde_json::json!({ "vcpus": vcpus, "pager": pager, "kvm_trace": trace })
     })
 }
 
@@ -512,11 +519,12 @@ fn start_metrics(
     config: &VmConfig,
     vcpus: &[Arc<VcpuMetrics>],
     pager: Option<&Arc<Pager>>,
+    trace: Option<&Arc<KvmTrace>>,
 ) -> Result<Option<MetricsWriter>, VmError> {
     let Some(m) = &config.metrics else {
         return Ok(None);
     };
-    let sample = metrics_sampler(vcpus.to_vec(), pager.cloned());
+    let sample = metrics_sampler(vcpus.to_vec(), pager.cloned(), trace.cloned());
     MetricsWriter::start(&m.path, m.interval, sample)
         .map(Some)
         .map_err(|e| VmError::Vmm(format!("cannot write metrics to {}: {e}", m.path.display())))
@@ -547,7 +555,12 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         .iter()
         .map(|_| Arc::new(VcpuMetrics::default()))
         .collect();
-    let metrics_writer = start_metrics(config, &vcpu_metrics, pager.as_ref())?;
+    let trace = if config.kvm_trace {
+        Some(Arc::new(KvmTrace::start()?))
+    } else {
+        None
+    };
+    let metrics_writer = start_metrics(config, &vcpu_metrics, pager.as_ref(), trace.as_ref())?;
     let handles = spawn_vcpus(vcpus, &io, &mem, &stop, pager.as_ref(), &vcpu_metrics)?;
 
     let loop_result = run_event_loop(&stop, serial, signals);
@@ -563,6 +576,9 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         writer
             .finish()
             .map_err(|e| VmError::Vmm(format!("writing metrics: {e}")))?;
+    }
+    if let Some(trace) = trace.and_then(Arc::into_inner) {
+        eprintln!("apfvm: kvm trace: {}", trace.finish().json());
     }
     loop_result?;
     // `vm` and `mem` outlive every vCPU thread: both are dropped only here.
