@@ -572,6 +572,11 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
         pager.stop();
         eprintln!("apfvm: pager: {}", pager.stats().summary_json());
     }
+    // The userfaultfd must be closed before the VM is destroyed: KVM's teardown waits for
+    // its async PF kworkers, and one may still wait on a page (see `Pager::stop`). The last
+    // reference goes with the metrics writer's sampler, just below.
+    drop(io);
+    drop(pager);
     if let Some(writer) = metrics_writer {
         writer
             .finish()

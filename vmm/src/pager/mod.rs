@@ -204,6 +204,8 @@ struct Shared {
     /// Threads whose faults are synchronous (vCPU threads): served without latency, their
     /// wait counted on their stall counter.
     sync_threads: RwLock<HashMap<i32, Arc<StallCounter>>>,
+    /// Shutting down: serve everything pending at once (see `Pager::stop`).
+    draining: AtomicBool,
     stopping: AtomicBool,
     stop_event: EventFd,
     config: PagerConfig,
@@ -271,6 +273,7 @@ impl Pager {
             },
             stats: PagerStats::default(),
             sync_threads: RwLock::new(HashMap::new()),
+            draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Thread)?,
             config: config.clone(),
@@ -343,9 +346,27 @@ impl Pager {
         &self.shared.stats
     }
 
-    /// Stops the pager threads. Faults still pending are released when the userfaultfd is
-    /// closed (with the last reference to the pager's state).
+    /// Stops the pager. Fetches still pending are served at once first: a KVM kworker may be
+    /// blocked on one of them, and KVM's VM teardown waits for its kworkers. Whatever is still
+    /// waiting after that is released when the userfaultfd closes, so the owner must drop the
+    /// pager before destroying the VM.
     pub fn stop(&self) {
+        let s = &self.shared;
+        if !s.draining.swap(true, Ordering::SeqCst) {
+            let _ = s.stop_event.write(1);
+            s.queue.ready.notify_all();
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while Instant::now() < deadline
+                && !s
+                    .queue
+                    .heap
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.shared.stop_event.write(1);
         self.shared.queue.ready.notify_all();
@@ -366,6 +387,9 @@ impl Drop for Pager {
         self.stop();
     }
 }
+
+/// How long `Pager::stop` waits for pending fetches to be served.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a partial reverse-order batch waits for more faults.
 const REVERSE_BATCH_WINDOW: Duration = Duration::from_millis(50);
@@ -415,6 +439,10 @@ impl Shared {
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
             if self.stopping.load(Ordering::SeqCst) {
                 return;
+            }
+            let draining = self.draining.load(Ordering::SeqCst);
+            if fds[1].revents & libc::POLLIN != 0 {
+                let _ = self.stop_event.read();
             }
             if rc < 0 {
                 let err = std::io::Error::last_os_error();
@@ -469,6 +497,13 @@ impl Shared {
                 }
             }
             // Hand collected async faults to the workers, in batches for reverse order.
+            if draining {
+                for (page, arrived) in batch.drain(..) {
+                    self.serve(page, arrived, Waiter::Async);
+                }
+                batch_deadline = None;
+                continue;
+            }
             match self.config.order {
                 FaultOrder::Arrival => {
                     for (page, arrived) in batch.drain(..) {
@@ -578,7 +613,7 @@ impl Shared {
                 match heap.peek() {
                     Some(Reverse((due, ..))) => {
                         let now = Instant::now();
-                        if *due <= now {
+                        if *due <= now || self.draining.load(Ordering::SeqCst) {
                             break heap.pop().expect("peeked");
                         }
                         let wait = *due - now;
@@ -763,6 +798,27 @@ mod tests {
     use super::*;
     use crate::memory::{MemoryBackend, create_guest_memory};
     use vm_memory::Bytes;
+
+    #[test]
+    fn stop_serves_pending_fetches_instead_of_leaving_waiters_blocked() {
+        let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
+        let config = PagerConfig {
+            latency: LatencyModel::parse("100s").unwrap(),
+            ..Default::default()
+        };
+        let pager = Arc::new(
+            Pager::start(&mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap(),
+        );
+        let toucher = {
+            let mem = mem.clone();
+            std::thread::spawn(move || mem.read_obj::<u64>(GuestAddress(0x30_0000)).unwrap())
+        };
+        assert!(eventually_at_least(&pager.stats().faults_async, 1));
+        let t0 = Instant::now();
+        pager.stop();
+        assert_eq!(toucher.join().unwrap(), 0, "served (zero-fill) at stop");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
 
     /// Counters are bumped right after the copy that already woke the faulting thread.
     fn eventually_at_least(counter: &AtomicU64, n: u64) -> bool {
