@@ -40,6 +40,12 @@ void cpu_init(struct cpu *c, u32 index, u32 apic_id)
 	c->tss.iomap_base = sizeof(c->tss);	/* no I/O permission bitmap */
 	tss_load(c);
 
+	/*
+	 * DS/ES hold the DPL3 data selector, as in Linux: IRETQ to CPL3 would
+	 * otherwise null them on every return to a user task.
+	 */
+	asm volatile("movl %0, %%ds; movl %0, %%es" : : "r"((u32)(USER_DS | 3)));
+
 	idt_load();
 }
 

@@ -43,16 +43,19 @@ pvh_start32:
 	xorl	%eax, %eax
 	rep stosl
 
-	/* Identity map 0-4 GiB with 2 MiB pages: PML4[0] -> PDPT[0..3] -> pd[4][512]. */
-	movl	$(pdpt + PTE_P + PTE_W), pml4
-	movl	$(pd + PTE_P + PTE_W), %eax
+	/*
+	 * Identity map 0-4 GiB with 2 MiB pages: PML4[0] -> PDPT[0..3] -> pd[4][512].
+	 * User-accessible at every level: user tasks run in the same map (no protection).
+	 */
+	movl	$(pdpt + PTE_P + PTE_W + PTE_U), pml4
+	movl	$(pd + PTE_P + PTE_W + PTE_U), %eax
 	xorl	%ecx, %ecx
 2:	movl	%eax, pdpt(, %ecx, 8)
 	addl	$4096, %eax
 	incl	%ecx
 	cmpl	$4, %ecx
 	jb	2b
-	movl	$(PTE_P + PTE_W + PTE_PS), %eax
+	movl	$(PTE_P + PTE_W + PTE_U + PTE_PS), %eax
 	xorl	%ecx, %ecx
 3:	movl	%eax, pd(, %ecx, 8)		/* high halves are 0 (zeroed .bss) */
 	addl	$0x200000, %eax
@@ -139,6 +142,84 @@ isr_common:
 	popq	%rax
 	addq	$16, %rsp			/* vector, error code */
 	iretq
+
+/* ------------------------------------------------------------------------ */
+/*
+ * Fast entry paths: #PF (async PF page-not-present), #UD (system calls),
+ * the page-ready vector, the reschedule IPI and the watchdog timer. Guest
+ * kernel mode may be emulated at ~1 us per instruction, so these save only
+ * the vector and the caller-saved registers (struct kframe): the C handler
+ * keeps the callee-saved ones, and switch_to() saves those of a task that
+ * is switched out. 5 CPU words + error code + vector + 9 registers = 128
+ * bytes keeps the call 16-byte aligned.
+ */
+.macro FAST_ENTRY name, vector, handler, has_errcode
+	.globl	\name
+	.balign	16
+\name:
+	.if	!\has_errcode
+	pushq	$0
+	.endif
+	pushq	$\vector
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	pushq	%rsi
+	pushq	%rdi
+	pushq	%r8
+	pushq	%r9
+	pushq	%r10
+	pushq	%r11
+	cld
+	movq	%rsp, %rdi
+	call	\handler
+	jmp	fast_exit
+.endm
+
+	FAST_ENTRY pf_entry, VEC_PF, pf_handler, 1
+	FAST_ENTRY ud_entry, VEC_UD, ud_handler, 0
+	FAST_ENTRY apf_ready_entry, VEC_APF_READY, apf_ready_handler, 0
+	FAST_ENTRY ipi_entry, VEC_IPI, ipi_handler, 0
+	FAST_ENTRY timer_entry, VEC_TIMER, timer_handler, 0
+
+/* Also where a new task starts: its first switch_to() returns here. */
+	.globl	fast_exit
+fast_exit:
+	popq	%r11
+	popq	%r10
+	popq	%r9
+	popq	%r8
+	popq	%rdi
+	popq	%rsi
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	addq	$16, %rsp			/* vector, error code */
+	iretq
+
+/*
+ * void switch_to(u64 *prev_ksp, u64 next_ksp): save the callee-saved
+ * registers on the current kernel stack, store RSP in *prev_ksp, continue
+ * on next_ksp where that context called switch_to() (or a new task's
+ * prepared stack, which returns into fast_exit).
+ */
+	.globl	switch_to
+switch_to:
+	pushq	%rbp
+	pushq	%rbx
+	pushq	%r12
+	pushq	%r13
+	pushq	%r14
+	pushq	%r15
+	movq	%rsp, (%rdi)
+	movq	%rsi, %rsp
+	popq	%r15
+	popq	%r14
+	popq	%r13
+	popq	%r12
+	popq	%rbx
+	popq	%rbp
+	ret
 
 /* Spurious APIC interrupts need no EOI: just return. */
 	.globl	isr_spurious

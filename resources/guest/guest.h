@@ -49,10 +49,29 @@
 #define EFER_LME		(1 << 8)
 #define MSR_GS_BASE		0xc0000101
 
+/* KVM paravirtual MSRs (Documentation/virt/kvm/x86/msr.rst) */
+#define MSR_KVM_SYSTEM_TIME_NEW	0x4b564d01	/* kvmclock: only used to learn the TSC rate */
+#define MSR_KVM_ASYNC_PF_EN	0x4b564d02
+#define MSR_KVM_ASYNC_PF_INT	0x4b564d06
+#define MSR_KVM_ASYNC_PF_ACK	0x4b564d07
+#define KVM_ASYNC_PF_ENABLED	(1 << 0)
+#define KVM_ASYNC_PF_DELIVERY_AS_INT (1 << 3)
+#define KVM_PV_REASON_PAGE_NOT_PRESENT 1
+#define KVM_FEATURE_CLOCKSOURCE2 3
+#define KVM_FEATURE_ASYNC_PF	4
+#define KVM_FEATURE_ASYNC_PF_INT 14
+#define APF_WAKE_ALL		0xffffffffu	/* page-ready token: wake every task parked on this CPU */
+
 /* x2APIC registers are MSRs 0x800 + (xAPIC MMIO offset >> 4). */
 #define MSR_X2APIC_ID		0x802
 #define MSR_X2APIC_SVR		0x80f
+#define MSR_X2APIC_EOI		0x80b
 #define MSR_X2APIC_ICR		0x830
+#define MSR_X2APIC_LVT_TIMER	0x832
+#define MSR_X2APIC_TIMER_INIT	0x838
+#define MSR_X2APIC_TIMER_DIV	0x83e
+#define APIC_LVT_PERIODIC	(1 << 17)
+#define APIC_TIMER_DIV_1	0xb
 #define APIC_SVR_ENABLE		(1 << 8)
 #define ICR_INIT		0x4500	/* delivery mode INIT, level assert */
 #define ICR_STARTUP		0x4600	/* delivery mode Start-up, level assert; | vector */
@@ -60,10 +79,13 @@
 /* ---- Page table entry bits ---- */
 #define PTE_P			0x001
 #define PTE_W			0x002
+#define PTE_U			0x004	/* user accessible (set at every level: no protection) */
 #define PTE_PS			0x080	/* 2 MiB page in a page directory */
 
 /* ---- Devices ---- */
 #define EXIT_PORT		0xf4	/* outl(code) ends the VM with (code & 0xff) */
+#define PAGER_PORT_PFN		0xf8	/* apfvm pager control: first pfn; read: pages evicted */
+#define PAGER_PORT_COUNT	0xfc	/* page count: evicts synchronously */
 #define COM1_PORT		0x3f8
 
 /* ---- PVH ---- */
@@ -71,7 +93,12 @@
 #define HVM_START_MAGIC		0x336ec578
 
 /* ---- Vectors ---- */
+#define VEC_UD			6	/* #UD: ud2 from CPL3 is the system call */
 #define VEC_DOUBLE_FAULT	8
+#define VEC_PF			14	/* #PF: also async PF "page not present" */
+#define VEC_APF_READY		0xec	/* async PF "page ready" (MSR_KVM_ASYNC_PF_INT) */
+#define VEC_TIMER		0xef	/* BSP's LAPIC timer: watchdog only, never preempts */
+#define VEC_IPI			0xf0	/* reschedule: migrated tasks arrived / go offline */
 #define VEC_SPURIOUS		0xff	/* x2APIC spurious-interrupt vector */
 #define NUM_EXCEPTIONS		32
 
@@ -80,7 +107,34 @@
 #define EXIT_BAD_MPTABLE	3
 #define EXIT_AP_TIMEOUT		4
 #define EXIT_BAD_APIC		5	/* no x2APIC, or APIC id disagrees with the MP table */
+#define EXIT_BAD_DATA		6	/* a toucher found a wrong byte */
+#define EXIT_BAD_TOKENS		7	/* wrong or duplicate page-ready tokens, dummies left */
+#define EXIT_TASKS		8	/* a task failed, did not finish, or is still parked */
+#define EXIT_WATCHDOG		9	/* timeout_s passed before the workload finished */
+#define EXIT_BAD_REGION		10	/* pages= region not inside RAM (PVH memmap) */
+#define EXIT_HOTPLUG		11	/* CPU offline/online did not complete */
 #define EXIT_EXCEPTION		0x7e
+
+/* ---- System calls: ud2 at CPL3, number in RAX, arguments in RDI, RSI, RDX, R10, R8 ---- */
+#define SYS_YIELD		0	/* run another ready task of this CPU, if any */
+#define SYS_EXIT		1	/* (result): this task is done; 0 = success */
+#define SYS_EVICT		2	/* (): ask the VMM to evict the whole region; returns pages evicted */
+#define SYS_CPU_OFFLINE		3	/* (cpu): ask CPU to go offline (asynchronous) */
+#define SYS_CPU_ONLINE		4	/* (cpu): INIT/SIPI an offline CPU (asynchronous) */
+#define SYS_BAD_DATA		5	/* (page, pass, offset, expected, got): log a wrong word */
+#define SYS_FAIL		6	/* (exit code, message index): fail the run now */
+
+/* ---- Per-task stacks ---- */
+#define MAX_TASKS		256
+#define KSTACK_SIZE		8192
+#define USTACK_SIZE		16384
+
+/* ---- Pageable region: guest-physical, touched only by user tasks ---- */
+#define REGION_BASE		0x2000000ULL	/* 32 MiB */
+#define PAGE_SIZE		4096
+#define APF_HASH_SIZE		256
+#define APF_DUMMY_POOL		32	/* dummy entries per CPU */
+#define DONE_HISTORY		8	/* completed tokens remembered per task (dup detection) */
 
 #ifdef __ASSEMBLER__
 /*
@@ -125,11 +179,16 @@ typedef uint8_t u8;
 typedef uint16_t u16;
 typedef uint32_t u32;
 typedef uint64_t u64;
+typedef int8_t s8;
+typedef int64_t s64;
 
 #define __packed	__attribute__((packed))
 #define __aligned(n)	__attribute__((aligned(n)))
 #define __noreturn	__attribute__((noreturn))
 #define __printf(a, b)	__attribute__((format(printf, a, b)))
+
+#define likely(x)	__builtin_expect(!!(x), 1)
+#define unlikely(x)	__builtin_expect(!!(x), 0)
 
 #define ARRAY_SIZE(a)	(sizeof(a) / sizeof((a)[0]))
 
@@ -148,6 +207,13 @@ static inline void outb(u16 port, u8 val)
 static inline void outl(u16 port, u32 val)
 {
 	asm volatile("outl %0, %1" : : "a"(val), "Nd"(port));
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 val;
+	asm volatile("inl %1, %0" : "=a"(val) : "Nd"(port));
+	return val;
 }
 
 static inline u8 inb(u16 port)
@@ -228,21 +294,120 @@ static inline void store_release(volatile u32 *p, u32 val)
 	*p = val;
 }
 
+static inline void spin_lock(volatile u32 *l)
+{
+	while (atomic_cmpxchg(l, 0, 1) != 0) {
+		while (*l)
+			cpu_relax();
+	}
+}
+
+static inline void spin_unlock(volatile u32 *l)
+{
+	store_release(l, 0);
+}
+
+static inline void irq_enable(void)
+{
+	asm volatile("sti" : : : "memory");
+}
+
+static inline void irq_disable(void)
+{
+	asm volatile("cli" : : : "memory");
+}
+
 /* ---- Time (the TSC rate is unknown; assume a fast one so waits are never too short) ---- */
 #define TSC_ASSUMED_HZ		3000000000ULL
 #define TSC_PER_US		(TSC_ASSUMED_HZ / 1000000)
 void delay_us(u64 us);
 
+/* Measured rate (tsc.c): set once by the BSP before the APs start. */
+extern u64 tsc_khz;
+extern const char *tsc_source;
+void tsc_calibrate(void);
+u64 us_to_tsc(u64 us);
+
 /* ---- Per-CPU data (cpu.c) ---- */
 struct tss {
 	u32 reserved0;
-	u64 rsp[3];		/* stacks for privilege changes; rsp[0] used once CPL3 exists */
+	u64 rsp[3];		/* rsp[0]: kernel stack of the running task (entry from CPL3) */
 	u64 reserved1;
 	u64 ist[7];		/* interrupt stacks; ist[0] is IST1 (#DF) */
 	u64 reserved2;
 	u16 reserved3;
 	u16 iomap_base;		/* >= limit: no I/O bitmap, user port I/O faults */
 } __packed;
+
+/* The async PF area KVM writes (MSR_KVM_ASYNC_PF_EN points at it). */
+struct apf_area {
+	volatile u32 flags;	/* KVM_PV_REASON_PAGE_NOT_PRESENT with a not-present #PF */
+	volatile u32 token;	/* page-ready token; the guest writes 0 when consumed */
+	u8 pad[56];
+} __aligned(64);
+
+/*
+ * An entry of a CPU's token hash: a parked task's sleep node (task != NULL)
+ * or a dummy (task == NULL): a page-ready that came before its page-not-present.
+ */
+struct apf_node {
+	struct apf_node *next;	/* hash chain, or free list for dummies */
+	struct task *task;
+	u32 token;
+};
+
+/* Per-CPU counters; the result line sums them (max_* take the maximum). */
+struct apf_stats {
+	u64 pfaults;		/* page-not-present #PFs received */
+	u64 completions;	/* page-ready with a token that woke a parked task */
+	u64 dummies;		/* page-ready that found no sleeper: dummy inserted */
+	u64 dummy_consumed;	/* page-not-present that found its dummy: did not sleep */
+	u64 wakealls;		/* page-ready with token 0xffffffff */
+	u64 wakealls_after_online;	/* ... received after this CPU came back online */
+	u64 wakeall_woken;	/* tasks woken by wake-alls (KVM's and our own at offline) */
+	u64 zero_tokens;	/* page-ready with token 0 (counted as wrong tokens) */
+	u64 dup_wakes;		/* page-ready for a token already completed */
+	u64 out_of_order;	/* completion whose task is not the oldest parked one */
+	u64 max_parked;		/* most tasks parked at once */
+	u64 parked_cycles;	/* TSC cycles from park to wake, summed */
+	u64 max_parked_cycles;
+	u64 parked_at_offline;	/* tasks parked when this CPU went offline (summed) */
+	u64 offline_cycles;	/* times this CPU went offline and came back */
+	u64 hlt_skips;		/* interrupts taken between STI and HLT in idle */
+};
+
+enum task_kind { TASK_IDLE, TASK_TOUCHER, TASK_BUSY, TASK_CONTROLLER };
+
+struct cpu;
+
+struct task {
+	u64 ksp;		/* saved kernel RSP while switched out (switch_to) */
+	u64 kstack_top;		/* TSS.RSP0 while it runs */
+	struct task *next;	/* run queue / incoming list */
+	struct task *pk_prev, *pk_next;	/* the CPU's parked list, oldest first */
+	struct apf_node node;	/* its entry in the token hash while parked */
+	struct cpu *volatile cpu;	/* where it runs now; stable while it runs */
+	struct cpu *home;	/* where it was created (it returns there after hotplug) */
+	u32 id;
+	u32 kind;
+	u32 done_pos;
+	u32 done_tokens[DONE_HISTORY];	/* last tokens that woke it */
+	u64 park_tsc;
+	/* set up by the kernel, read by the task */
+	u32 toucher_index;	/* global index among touchers */
+	u32 slice_first;	/* region page index of its first page */
+	u32 slice_count;
+	/* written by the task (user mode), summed in the result */
+	volatile u64 pages_touched;
+	volatile u64 bad_bytes;
+	volatile u64 stalls;
+	volatile u64 busy_ops_during_stalls;
+	volatile u64 max_touch_cycles;
+	volatile u32 exited;
+	volatile u32 result;	/* SYS_EXIT argument */
+};
+
+enum cpu_state { CPU_DOWN = 0, CPU_ONLINE, CPU_GOING_OFFLINE, CPU_OFFLINE, CPU_BOOTING };
 
 struct cpu {
 	struct cpu *self;	/* must stay first: this_cpu() reads %gs:0 */
@@ -251,6 +416,32 @@ struct cpu {
 	volatile u32 claimed;	/* an AP took this slot (catches duplicate APIC ids) */
 	volatile u32 online;	/* set once the CPU printed its line and checked in */
 	struct tss tss __aligned(16);
+
+	/* scheduler (sched.c); only this CPU touches these, with IF=0 */
+	struct task *current;
+	struct task *rq_head, *rq_tail;
+	struct task *pk_head, *pk_tail;	/* parked tasks, oldest first */
+	struct task idle;	/* this CPU's idle context (its own stack) */
+	u64 stack_top;		/* its own (boot/idle) stack, reused when it comes back online */
+	volatile u32 nr_ready;	/* ready tasks queued; user tasks yield only when > 0 */
+	volatile u32 offline_req;	/* the BSP asked this CPU to go offline */
+	volatile u32 state;	/* enum cpu_state */
+	volatile u32 nr_parked;
+	volatile u32 in_lock;	/* protects incoming and state changes that stop migration */
+	struct task *volatile incoming;	/* tasks migrated here by other CPUs */
+	volatile u32 reonline;	/* came back online at least once */
+	u32 apf_on;		/* async PF enabled on this CPU */
+
+	/* async PF (apf.c) */
+	struct apf_area apf;
+	struct apf_node *hash[APF_HASH_SIZE];
+	struct apf_node *dummy_free;
+	u32 dummies_live;
+	struct apf_node dummy_pool[APF_DUMMY_POOL];
+	struct apf_stats st;
+
+	/* incremented by busy tasks in user mode; read by touchers */
+	volatile u64 busy_ops __aligned(64);
 };
 
 extern struct cpu cpus[MAX_CPUS];
@@ -283,9 +474,128 @@ struct desc_ptr {
 	u64 base;
 } __packed;
 
+/*
+ * The frame of the fast entry paths (#PF, #UD, interrupts): entry.S pushes
+ * the vector and the caller-saved registers only. The callee-saved ones
+ * stay in the CPU through C code and switch_to() saves them on a switch.
+ */
+struct kframe {
+	u64 r11, r10, r9, r8, rdi, rsi, rdx, rcx, rax;
+	u64 vector, error_code;	/* error code: by the CPU (#PF) or a dummy 0 */
+	u64 rip, cs, rflags, rsp, ss;
+};
+
 void idt_init(void);
 void idt_load(void);
 __noreturn void trigger_triple_fault(void);
+__noreturn void fatal_exception(u64 vector, u64 error_code, u64 rip, u64 cs);
+
+/* entry.S */
+void switch_to(u64 *prev_ksp, u64 next_ksp);
+extern const u8 fast_exit[];
+void pf_entry(void);
+void ud_entry(void);
+void apf_ready_entry(void);
+void ipi_entry(void);
+void timer_entry(void);
+
+extern const u8 idle_hlt[];
+
+/* An interrupt that hit idle between STI and HLT: do not halt after it. */
+static inline void skip_idle_hlt(struct cpu *c, struct kframe *f)
+{
+	if (unlikely(f->rip == (u64)(uintptr_t)idle_hlt)) {
+		f->rip++;
+		c->st.hlt_skips++;
+	}
+}
+
+static inline void apic_eoi(void)
+{
+	wrmsr(MSR_X2APIC_EOI, 0);
+}
+
+/* ---- Async PF, the guest side (apf.c) ---- */
+bool apf_advertised(void);
+void apf_enable(struct cpu *c);
+void apf_disable(struct cpu *c);
+bool apf_wait_wakeall(struct cpu *c, u64 before, u64 timeout_us);
+void pf_handler(struct kframe *f);
+void apf_ready_handler(struct kframe *f);
+u32 apf_wake_all_parked(struct cpu *c);
+u32 apf_dummies_left(struct cpu *c);
+
+/* ---- Tasks and the per-CPU scheduler (sched.c) ---- */
+extern struct task tasks[MAX_TASKS];
+extern u32 nr_tasks;
+void sched_init_cpu(struct cpu *c);
+struct task *task_create(struct cpu *c, u32 kind, void (*entry)(struct task *));
+void schedule(struct cpu *c, struct task *prev);
+
+/* Queue a task at the tail of this CPU's run queue (IF=0, this CPU only). */
+static inline void runq_add(struct cpu *c, struct task *t)
+{
+	t->next = NULL;
+	if (c->rq_tail)
+		c->rq_tail->next = t;
+	else
+		c->rq_head = t;
+	c->rq_tail = t;
+	c->nr_ready++;
+}
+bool push_incoming(struct cpu *dst, struct task *t);
+__noreturn void idle_loop(struct cpu *c);
+void run_from_idle(struct cpu *c);
+void ud_handler(struct kframe *f);
+void ipi_handler(struct kframe *f);
+void timer_handler(struct kframe *f);
+void watchdog_start(void);
+
+/* ---- The workload (workload.c) and its user-mode tasks (user.c) ---- */
+struct workload {
+	/* command line */
+	bool enabled;		/* pages= given: run tasks, print the full result */
+	bool evict;
+	bool dummy;
+	bool apf_off;		/* apf=0: do not enable async PF */
+	bool fail_data;		/* fail=data: corrupt one byte on purpose (checker self-test) */
+	u32 pages, passes, touchers, busy, seed, stall_us, timeout_s, hotplug, dummy_us;
+	/* derived */
+	u64 dummy_cycles;	/* dummy_us in TSC cycles */
+	bool apf;		/* async PF enabled on every CPU */
+	u32 cpus;
+	u32 total_touchers;
+	u64 stall_cycles;	/* stall_us in TSC cycles */
+	u64 slice_cycles;	/* busy tasks check for ready tasks this often */
+	u64 deadline_tsc;	/* watchdog */
+	/* shared by the user tasks */
+	volatile u32 touchers_left;
+	volatile u32 arrived;	/* barrier between passes */
+	volatile u32 epoch;	/* passes every toucher finished */
+	volatile u32 first_bad_page;	/* region page index, 0xffffffff = none */
+	volatile u32 bad_reports;
+	volatile u32 hotplug_done;	/* offline/online cycles the controller finished */
+	/* kernel */
+	volatile u32 tasks_alive;
+	volatile u32 evict_lock;
+	volatile u32 finishing;
+	bool no_pager;		/* the pager-control port is not there */
+	u64 evictions_requested;
+	u64 pages_evicted;
+};
+extern struct workload wl;
+
+bool workload_parse_word(const char *word, size_t len);
+void workload_check_region(u64 memmap_paddr, u32 memmap_entries, u32 start_info_version);
+void workload_run(void) __noreturn;
+void boot_report(u32 cpus_up, u32 exit_code, bool hold) __noreturn;
+__noreturn void workload_finish(u32 forced_code, const char *forced_reason);
+extern u32 exit_code_pass;
+extern bool hold_after_result;
+
+void toucher_main(struct task *t);
+void busy_main(struct task *t);
+void controller_main(struct task *t);
 
 /* ---- MP table (mptable.c) ---- */
 struct mp_cpus {
@@ -297,7 +607,9 @@ void mptable_parse(struct mp_cpus *out);
 
 /* ---- SMP bring-up (smp.c) ---- */
 extern struct mp_cpus mp_cpus;
+extern volatile u64 ap_reentry_rsp;
 void smp_boot_aps(void);
+void ap_start(u32 index);
 u32 cpus_online_count(void);
 
 /* ---- Console and exit (serial.c) ---- */
@@ -307,6 +619,7 @@ void console_unlock(void);
 void kvprintf_locked(const char *fmt, va_list ap);
 void kprintf_locked(const char *fmt, ...) __printf(1, 2);
 void kprintf(const char *fmt, ...) __printf(1, 2);
+void ksnprintf(char *buf, size_t size, const char *fmt, ...) __printf(3, 4);
 __noreturn void guest_exit(u32 code);
 __noreturn void fail(u32 code, const char *reason_fmt, ...) __printf(2, 3);
 

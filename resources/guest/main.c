@@ -76,10 +76,14 @@ static void parse_cmdline(struct boot_options *opt)
 			opt->fail_triple = true;
 		} else if (str_equal(word, len, "fail=port")) {
 			opt->fail_port = true;
+		} else if (str_equal(word, len, "fail=data")) {
+			wl.fail_data = true;	/* checked by the workload (user.c) */
 		} else if (str_equal(word, len, "hold")) {
 			opt->hold = true;
 		} else if (str_has_prefix(word, len, "fail=")) {
 			fail(EXIT_BAD_BOOT, "unknown fail= mode in the command line");
+		} else {
+			workload_parse_word(word, len);	/* the workload's words (workload.c) */
 		}
 	}
 }
@@ -122,6 +126,8 @@ __noreturn void main(u32 start_info_paddr)
 	copy_cmdline(si);
 	print_cmdline();
 	parse_cmdline(&opt);
+	exit_code_pass = opt.exit_code;
+	hold_after_result = opt.hold;
 
 	if (opt.fail_port) {
 		/* Nothing is there: the VMM must ignore the access and carry on. */
@@ -134,6 +140,9 @@ __noreturn void main(u32 start_info_paddr)
 	}
 
 	report_kvm_cpuid();
+	workload_check_region(si->memmap_paddr, si->memmap_entries, si->version);
+	tsc_calibrate();
+	wl.apf = !wl.apf_off && apf_advertised();
 	mptable_parse(&mp_cpus);
 	kprintf("apfvm-ref: mptable cpus=%u bsp_apic=%u\n", mp_cpus.count, mp_cpus.apic_id[0]);
 
@@ -146,6 +155,13 @@ __noreturn void main(u32 start_info_paddr)
 	cpus[0].apic_id = apic_id;
 	cpus[0].claimed = 1;
 	kprintf("apfvm-ref: cpu 0 apic %u long mode\n", apic_id);
+	if (wl.apf) {
+		apf_enable(&cpus[0]);
+		if (!apf_wait_wakeall(&cpus[0], 0, 1000000))
+			kprintf("apfvm-ref: cpu0: no wake-all within 1 s of enabling async PF\n");
+	}
+	sched_init_cpu(&cpus[0]);
+	cpus[0].state = CPU_ONLINE;
 	cpus[0].online = 1;
 
 	smp_boot_aps();
@@ -154,11 +170,7 @@ __noreturn void main(u32 start_info_paddr)
 	if (n != mp_cpus.count)
 		fail(EXIT_AP_TIMEOUT, "%u of %u cpus online", n, mp_cpus.count);
 	kprintf("apfvm-ref: all %u cpus up\n", n);
-	kprintf("APFVM-RESULT {\"verdict\":\"pass\",\"cpus\":%u}\n", n);
-	if (opt.hold) {
-		/* Only the VMM (a signal to it) ends the VM now. */
-		kprintf("apfvm-ref: holding\n");
-		halt_forever();
-	}
-	guest_exit(opt.exit_code);
+	if (wl.enabled)
+		workload_run();
+	boot_report(n, opt.exit_code, opt.hold);
 }

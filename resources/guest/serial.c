@@ -56,15 +56,31 @@ void console_unlock(void)
 	store_release(&console_locked, 0);
 }
 
-static void put_str(const char *s)
+/* Where formatted output goes: the UART (buf == NULL) or a string buffer. */
+struct out {
+	char *buf;
+	size_t len, cap;
+};
+
+static void out_putc(struct out *o, char c)
+{
+	if (!o->buf) {
+		uart_putc(c);
+	} else if (o->len + 1 < o->cap) {
+		o->buf[o->len++] = c;
+		o->buf[o->len] = '\0';
+	}
+}
+
+static void put_str(struct out *o, const char *s)
 {
 	if (!s)
 		s = "(null)";
 	while (*s)
-		uart_putc(*s++);
+		out_putc(o, *s++);
 }
 
-static void put_uint(u64 val, unsigned base, unsigned width, char pad)
+static void put_uint(struct out *o, u64 val, unsigned base, unsigned width, char pad)
 {
 	static const char digits[] = "0123456789abcdef";
 	char buf[24];
@@ -75,22 +91,22 @@ static void put_uint(u64 val, unsigned base, unsigned width, char pad)
 		val /= base;
 	} while (val);
 	while (width > n) {
-		uart_putc(pad);
+		out_putc(o, pad);
 		width--;
 	}
 	while (n)
-		uart_putc(buf[--n]);
+		out_putc(o, buf[--n]);
 }
 
 /*
  * Supports %%, %c, %s, %d, %u, %x, %p with an optional '0' flag, a width and
  * the 'l'/'ll'/'z' length modifiers. That is all the guest needs.
  */
-void kvprintf_locked(const char *fmt, va_list ap)
+static void kvformat(struct out *o, const char *fmt, va_list ap)
 {
 	for (; *fmt; fmt++) {
 		if (*fmt != '%') {
-			uart_putc(*fmt);
+			out_putc(o, *fmt);
 			continue;
 		}
 		fmt++;
@@ -112,42 +128,62 @@ void kvprintf_locked(const char *fmt, va_list ap)
 
 		switch (*fmt) {
 		case 'c':
-			uart_putc((char)va_arg(ap, int));
+			out_putc(o, (char)va_arg(ap, int));
 			break;
 		case 's':
-			put_str(va_arg(ap, const char *));
+			put_str(o, va_arg(ap, const char *));
 			break;
 		case 'd': {
 			long long v = longs ? va_arg(ap, long long) : va_arg(ap, int);
 			if (v < 0) {
-				uart_putc('-');
-				put_uint(-(u64)v, 10, width ? width - 1 : 0, pad);
+				out_putc(o, '-');
+				put_uint(o, -(u64)v, 10, width ? width - 1 : 0, pad);
 			} else {
-				put_uint((u64)v, 10, width, pad);
+				put_uint(o, (u64)v, 10, width, pad);
 			}
 			break;
 		}
 		case 'u':
-			put_uint(longs ? va_arg(ap, u64) : va_arg(ap, unsigned), 10, width, pad);
+			put_uint(o, longs ? va_arg(ap, u64) : va_arg(ap, unsigned), 10, width, pad);
 			break;
 		case 'x':
-			put_uint(longs ? va_arg(ap, u64) : va_arg(ap, unsigned), 16, width, pad);
+			put_uint(o, longs ? va_arg(ap, u64) : va_arg(ap, unsigned), 16, width, pad);
 			break;
 		case 'p':
-			put_str("0x");
-			put_uint((uintptr_t)va_arg(ap, void *), 16, width, pad);
+			put_str(o, "0x");
+			put_uint(o, (uintptr_t)va_arg(ap, void *), 16, width, pad);
 			break;
 		case '%':
-			uart_putc('%');
+			out_putc(o, '%');
 			break;
 		case '\0':
 			return;
 		default:
-			uart_putc('%');
-			uart_putc(*fmt);
+			out_putc(o, '%');
+			out_putc(o, *fmt);
 			break;
 		}
 	}
+}
+
+void kvprintf_locked(const char *fmt, va_list ap)
+{
+	struct out o = { 0 };
+
+	kvformat(&o, fmt, ap);
+}
+
+/* Format into buf (always NUL-terminated, truncated to size - 1 characters). */
+void ksnprintf(char *buf, size_t size, const char *fmt, ...)
+{
+	struct out o = { .buf = buf, .len = 0, .cap = size };
+	va_list ap;
+
+	if (size)
+		buf[0] = '\0';
+	va_start(ap, fmt);
+	kvformat(&o, fmt, ap);
+	va_end(ap);
 }
 
 void kprintf_locked(const char *fmt, ...)

@@ -50,9 +50,16 @@ trampoline_end:
 ap_start64:
 	LOAD_KERNEL_DATA_SEGMENTS_64
 	/*
-	 * Take a stack slot with LOCK XADD: robust even if a slow AP from an
-	 * earlier SIPI shows up late. The slot is not the CPU index; ap_main()
-	 * derives that from the APIC id and the MP table.
+	 * Coming back online (CPU hotplug): the BSP put this CPU's own stack in
+	 * ap_reentry_rsp before INIT/SIPI; its old contents are dead.
+	 */
+	movq	ap_reentry_rsp(%rip), %rsp
+	testq	%rsp, %rsp
+	jnz	1f
+	/*
+	 * First start: take a stack slot with LOCK XADD: robust even if a slow
+	 * AP from an earlier SIPI shows up late. The slot is not the CPU index;
+	 * ap_main() derives that from the APIC id and the MP table.
 	 */
 	movl	$1, %eax
 	lock xaddl %eax, ap_stack_next(%rip)
@@ -62,11 +69,16 @@ ap_start64:
 	shlq	$STACK_SHIFT, %rax
 	leaq	ap_stacks(%rip), %rsp
 	addq	%rax, %rsp
-	xorl	%ebp, %ebp
+1:	xorl	%ebp, %ebp
+	movq	%rsp, %rdi			/* ap_main(stack_top) */
 	call	ap_main
 	jmp	halt_forever
 
 	.section .bss
+	.balign	8
+	.globl	ap_reentry_rsp
+ap_reentry_rsp:
+	.skip	8
 	.balign	4
 ap_stack_next:
 	.skip	4

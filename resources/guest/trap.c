@@ -1,9 +1,10 @@
 /*
  * trap.c - the IDT and the exception handler.
  *
- * Any CPU exception is fatal for now: report it and end the VM with
- * EXIT_EXCEPTION. Exceptions only come from real faults (the guest never
- * uses INT3/INT n).
+ * Two exceptions have fast paths (entry.S): #UD from CPL3 with UD2 at RIP
+ * is a system call (sched.c), and #PF with the async PF flag set is a
+ * "page not present" (apf.c). Any other exception is fatal: report it and
+ * end the VM with EXIT_EXCEPTION. The guest never uses INT3/INT n.
  */
 #include "guest.h"
 
@@ -42,6 +43,12 @@ void idt_init(void)
 {
 	for (unsigned vec = 0; vec < NUM_EXCEPTIONS; vec++)
 		idt_set_gate(vec, isr_stubs[vec], vec == VEC_DOUBLE_FAULT ? IST_DF : 0);
+	/* The fast paths: system calls, async PF, interrupts (entry.S). */
+	idt_set_gate(VEC_UD, (u64)(uintptr_t)ud_entry, 0);
+	idt_set_gate(VEC_PF, (u64)(uintptr_t)pf_entry, 0);
+	idt_set_gate(VEC_APF_READY, (u64)(uintptr_t)apf_ready_entry, 0);
+	idt_set_gate(VEC_TIMER, (u64)(uintptr_t)timer_entry, 0);
+	idt_set_gate(VEC_IPI, (u64)(uintptr_t)ipi_entry, 0);
 	idt_set_gate(VEC_SPURIOUS, (u64)(uintptr_t)isr_spurious, 0);
 }
 
@@ -74,15 +81,24 @@ static int trap_cpu_index(void)
 	return (int)((struct cpu *)c)->index;
 }
 
+/* Any exception that is not a system call or an async PF ends the run. */
+__noreturn void fatal_exception(u64 vector, u64 error_code, u64 rip, u64 cs)
+{
+	int cpu = trap_cpu_index();
+	u64 cr2 = read_cr2();
+
+	console_lock_emergency();
+	kprintf_locked("apfvm-ref: exception %u err=0x%lx rip=0x%lx cr2=0x%lx\n",
+		       (unsigned)vector, error_code, rip, cr2);
+	if (cs & 3)
+		kprintf_locked("apfvm-ref: (in user mode)\n");
+	console_unlock();
+	fail(EXIT_EXCEPTION, "exception %u on cpu %d", (unsigned)vector, cpu);
+}
+
 void trap_handler(struct trap_frame *f);	/* called from isr_common */
 
 void trap_handler(struct trap_frame *f)
 {
-	int cpu = trap_cpu_index();
-
-	console_lock_emergency();
-	kprintf_locked("apfvm-ref: exception %u err=0x%lx rip=0x%lx cr2=0x%lx\n",
-		       (unsigned)f->vector, f->error_code, f->rip, read_cr2());
-	console_unlock();
-	fail(EXIT_EXCEPTION, "exception %u on cpu %d", (unsigned)f->vector, cpu);
+	fatal_exception(f->vector, f->error_code, f->rip, f->cs);
 }

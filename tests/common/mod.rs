@@ -130,3 +130,10 @@ pub fn guest_result(run: &Run) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no APFVM-RESULT line: {}", run.describe()));
     serde_json::from_str(line.trim()).expect("APFVM-RESULT is JSON")
 }
+
+/// Serializes guest workloads that saturate the host's CPUs: run side by side on a 2-core
+/// machine they starve each other's vCPUs and the kworkers that complete their faults.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -352,9 +352,8 @@ impl Pager {
     /// pager before destroying the VM.
     pub fn stop(&self) {
         let s = &self.shared;
-        if !s.draining.swap(true, Ordering::SeqCst) {
-            let _ = s.stop_event.write(1);
-            s.queue.ready.notify_all();
+        if !s.draining.load(Ordering::SeqCst) {
+            s.signal(&s.draining);
             let deadline = Instant::now() + DRAIN_TIMEOUT;
             while Instant::now() < deadline
                 && !s
@@ -367,9 +366,7 @@ impl Pager {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.shared.stop_event.write(1);
-        self.shared.queue.ready.notify_all();
+        s.signal(&s.stopping);
         let threads: Vec<_> = self
             .threads
             .lock()
@@ -397,6 +394,17 @@ const REVERSE_BATCH_WINDOW: Duration = Duration::from_millis(50);
 const REVERSE_SPACING: Duration = Duration::from_micros(500);
 
 impl Shared {
+    /// Raises `flag` (draining or stopping) so that no thread misses it: workers check flags
+    /// under the queue lock before they wait, and the reader checks them before each poll,
+    /// which the event wakes.
+    fn signal(&self, flag: &AtomicBool) {
+        let heap = self.queue.heap.lock().unwrap_or_else(|e| e.into_inner());
+        flag.store(true, Ordering::SeqCst);
+        drop(heap);
+        self.queue.ready.notify_all();
+        let _ = self.stop_event.write(1);
+    }
+
     fn fatal(&self, message: String) {
         log::error!("pager: {message}");
         (self.on_fatal)(message);
@@ -420,6 +428,11 @@ impl Shared {
         let mut batch_deadline: Option<Instant> = None;
         let mut events = userfaultfd::EventBuffer::new(64);
         loop {
+            // Checked before every poll: the stop event that woke an earlier poll may have
+            // been consumed already.
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             let timeout_ms = batch_deadline.map_or(-1, |d| {
                 d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
             });
@@ -659,16 +672,15 @@ impl Shared {
         };
         let dst = host_ptr(self.ram.host_addr(page));
         loop {
+            // The waiters are woken only once the page is marked Resident: a guest that goes
+            // on to request an eviction of this very page must find it evictable.
             // SAFETY: `data` is a full page; `dst` is a page-aligned page of guest RAM
             // registered with this userfaultfd.
-            let result = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE, true) };
+            let result = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE, false) };
             match result {
                 Ok(_) => break,
                 // Already present (another path populated it): the waiters just need a wake.
-                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
-                    self.wake(page, 1);
-                    break;
-                }
+                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => break,
                 // The address space changed under the copy: try again.
                 Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
                 Err(e) => {
@@ -678,6 +690,7 @@ impl Shared {
             }
         }
         self.lock_pages().state[page as usize] = PageState::Resident;
+        self.wake(page, 1);
         let stats = &self.stats;
         let counter = if from_swap {
             &stats.restored_from_swap
