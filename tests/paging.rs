@@ -109,3 +109,56 @@ fn metrics_file_has_interval_lines_and_a_consistent_final_summary() {
         "{last}"
     );
 }
+
+/// `apfvm bench` runs its cases on the real guest and writes a JSON report and an SVG chart
+/// a user can read: every case present, the baseline at ratio 1, async PF delivered only
+/// in the apf-on case, and the floor measured in the same run.
+#[test]
+fn bench_writes_a_report_and_chart_for_every_case() {
+    if !kvm_available() {
+        return;
+    }
+    let _one_at_a_time = exclusive();
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let out = dir.as_path().to_str().unwrap();
+    let run = apfvm(
+        &[
+            "bench",
+            "--output",
+            out,
+            "--vcpus-list",
+            "1",
+            "--latencies",
+            "1ms",
+            "--pages-per-vcpu",
+            "32",
+            "--floor-pages",
+            "500",
+        ],
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.as_path().join("bench.json")).unwrap())
+            .unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    let labels: Vec<&str> = cases.iter().map(|c| c["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels,
+        ["1vcpu baseline", "1vcpu apf-off 1ms", "1vcpu apf-on 1ms"]
+    );
+    assert_eq!(cases[0]["busy_ops_ratio_to_baseline"], 1.0);
+    assert_eq!(field(&cases[1], "pfaults"), 0, "{}", cases[1]);
+    assert_eq!(field(&cases[2], "pfaults"), 32, "{}", cases[2]);
+    assert!(
+        field(&cases[2]["service"], "p50_us") >= 1000,
+        "{}",
+        cases[2]
+    );
+    assert_eq!(field(&report["floor"]["touch"], "count"), 500);
+    let svg = std::fs::read_to_string(dir.as_path().join("bench.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("1vcpu apf-on 1ms"),
+        "chart labels"
+    );
+}
