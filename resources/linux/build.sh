@@ -113,8 +113,9 @@ initramfs_hash() { # what the initramfs depends on
 }
 
 # ---------------------------------------------------------------------------------------------
-# Source tree: unpack once, keep the applied series next to it so a changed series can be
-# reversed and re-applied in place (make then rebuilds only what the patches touch).
+# Source tree: unpack once, keep the applied series next to it so that a changed series is
+# reverted from the first changed patch on and re-applied in place (make then rebuilds only
+# what those patches touch).
 # ---------------------------------------------------------------------------------------------
 BUILD=$OUT/build
 SRC=$BUILD/linux-source-6.1
@@ -129,20 +130,42 @@ fresh_source() {
 	mkdir -p "$APPLIED"
 }
 
-unapply_series() { # reverse what is in $APPLIED, last first; false if that fails
-	local p
-	while read -r p; do
-		[ -n "$p" ] || continue
-		log "reverting $(basename "$p")"
-		patch -d "$SRC" -p1 -R -s --no-backup-if-mismatch < "$p" || return 1
-		rm -f "$p"
-	done < <(find "$APPLIED" -maxdepth 1 -name '*.patch' -type f | LC_ALL=C sort -r)
+applied_series() { # what is applied, in order
+	find "$APPLIED" -maxdepth 1 -name '*.patch' -type f 2>/dev/null | LC_ALL=C sort
 }
 
-apply_series() {
-	local p
+common_prefix() { # how many leading patches of the series are applied unchanged
+	local -a want have
+	mapfile -t want < <(patch_series)
+	mapfile -t have < <(applied_series)
+	local n=0
+	while [ $n -lt ${#want[@]} ] && [ $n -lt ${#have[@]} ] &&
+		[ "$(basename "${want[$n]}")" = "$(basename "${have[$n]}")" ] &&
+		cmp -s "${want[$n]}" "${have[$n]}"; do
+		n=$((n + 1))
+	done
+	echo $n
+}
+
+unapply_after() { # reverse the applied patches after the first $1, last first
+	local keep=$1 p i=0 total
+	total=$(applied_series | wc -l)
 	while read -r p; do
 		[ -n "$p" ] || continue
+		[ $((total - i)) -gt "$keep" ] || break
+		i=$((i + 1))
+		log "reverting $(basename "$p")"
+		patch -d "$SRC" -p1 -R -s --no-backup-if-mismatch < "$p" >&2 || return 1
+		rm -f "$p"
+	done < <(applied_series | LC_ALL=C sort -r)
+}
+
+apply_after() { # apply the series' patches after the first $1
+	local skip=$1 p i=0
+	while read -r p; do
+		[ -n "$p" ] || continue
+		i=$((i + 1))
+		[ $i -gt "$skip" ] || continue
 		log "applying $(basename "$p")"
 		if ! patch -d "$SRC" -p1 -s -N --dry-run < "$p" >&2; then
 			# The tree holds the series up to the previous patch (recorded in $APPLIED), so
@@ -166,13 +189,16 @@ prepare_source() {
 	local base_have= base_want
 	base_want=$(dpkg-query -W -f='${Version}' linux-source-6.1; stat -c '%s %Y' "$TARBALL")
 	[ -f "$BUILD/tarball.stamp" ] && base_have=$(cat "$BUILD/tarball.stamp")
-	if [ -d "$SRC" ] && [ -d "$APPLIED" ] && [ "$base_want" = "$base_have" ] && unapply_series; then
-		: # same pristine tree again, build products kept
+	local keep=0
+	if [ -d "$SRC" ] && [ -d "$APPLIED" ] && [ "$base_want" = "$base_have" ] &&
+		keep=$(common_prefix) && unapply_after "$keep"; then
+		: # patches that changed (and those after them) reverted, build products kept
 	else
+		keep=0
 		fresh_source
 		echo "$base_want" > "$BUILD/tarball.stamp"
 	fi
-	apply_series
+	apply_after "$keep"
 	echo "$want" > "$BUILD/source.stamp"
 }
 
@@ -225,8 +251,8 @@ build_initramfs() {
 		'sysfs    /sys  sysfs    defaults 0 0' \
 		'devtmpfs /dev  devtmpfs defaults 0 0' > "$stage/fstab"
 	{
-		local d
-		for d in /dev /proc /sys /tmp /root /etc /bin /sbin /usr /usr/bin /usr/sbin; do
+		local d dirs=" /dev /proc /sys /tmp /root /etc /bin /sbin /usr /usr/bin /usr/sbin "
+		for d in $dirs; do
 			echo "dir $d 0755 0 0"
 		done
 		echo "nod /dev/console 0600 0 0 c 5 1"
@@ -246,7 +272,7 @@ build_initramfs() {
 				path=${path#.}
 				[ -n "$path" ] || continue
 				case $type in
-				d) echo "dir $path $mode 0 0" ;;
+				d) [[ $dirs == *" $path "* ]] || echo "dir $path $mode 0 0" ;;
 				f) echo "file $path $abs$path $mode 0 0" ;;
 				l) echo "slink $path $target 0777 0 0" ;;
 				*) die "APFVM_INITRAMFS_EXTRA: unsupported file type of $path" ;;
