@@ -3,16 +3,17 @@
 #   OUT_DIR/vmlinux            ELF kernel with the PVH note (what apfvm should boot)
 #   OUT_DIR/bzImage            the same kernel as a bzImage
 #   OUT_DIR/System.map         symbols, to map a RIP from an emulation failure
-#   OUT_DIR/initramfs.cpio     busybox + /init, uncompressed (boots fastest, see README.md)
+#   OUT_DIR/initramfs.cpio     busybox + /init + apfvm-workload, uncompressed (boots fastest,
+#                              see README.md)
 #   OUT_DIR/initramfs.cpio.gz  the same, gzip-compressed
 #
 # Usage: resources/linux/build.sh [OUT_DIR]      (default: <repo>/.cache/linux)
 # Environment:
-#   APFVM_INITRAMFS_EXTRA=DIR  copy DIR's tree into the initramfs root (e.g. DIR/bin/apfvm-workload)
+#   APFVM_INITRAMFS_EXTRA=DIR  copy DIR's tree into the initramfs root too (e.g. DIR/bin/prog)
 #   APFVM_KERNEL_JOBS=N        make -jN (default: number of CPUs)
 #
 # Cached: the inputs (source package version, guest-kernel-patches/*.patch, apfvm.config,
-# init, busybox, the extra dir, this script) are hashed into stamps; with nothing changed
+# init, busybox, apfvm-workload, the extra dir, this script) are hashed into stamps; with nothing changed
 # it only prints the output paths. A change rebuilds incrementally: a changed patch series
 # is reversed and re-applied in place, a changed fragment regenerates .config, and make
 # recompiles what depends on the difference. Missing tools are installed with apt-get
@@ -22,6 +23,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 OUT=${1:-$REPO/.cache/linux}
+# Absolute: the build steps cd into the source tree.
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PATCH_DIR=$REPO/guest-kernel-patches
 FRAGMENT=$HERE/apfvm.config
 INIT=$HERE/init
@@ -100,9 +103,20 @@ kernel_hash() { # what vmlinux depends on
 	} | hash_stdin
 }
 
+# apfvm-workload (resources/linux/workload), linked statically for the initramfs. Its own
+# target dir: a static build must not invalidate the workspace's normal one.
+WORKLOAD_TARGET=$REPO/target/workload-static
+WORKLOAD=$WORKLOAD_TARGET/release/apfvm-workload
+build_workload() {
+	command -v cargo > /dev/null || die "cargo not found: apfvm-workload is built with it"
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+		--manifest-path "$REPO/Cargo.toml" -p apfvm-workload --target-dir "$WORKLOAD_TARGET" >&2 ||
+		die "building apfvm-workload failed"
+}
+
 initramfs_hash() { # what the initramfs depends on
 	{
-		sha256sum "$BUSYBOX" | cut -d' ' -f1
+		sha256sum "$BUSYBOX" "$WORKLOAD" | cut -d' ' -f1
 		cat "$INIT"
 		sed -n '/^# >>> initramfs build/,/^# <<< initramfs build/p' "${BASH_SOURCE[0]}"
 		if [ -n "$EXTRA" ]; then
@@ -264,6 +278,7 @@ build_initramfs() {
 		# (FEATURE_SH_STANDALONE); programs that exec applets themselves can use
 		# `busybox APPLET` or `sh -c`.
 		echo "slink /bin/sh busybox 0777 0 0"
+		echo "file /bin/apfvm-workload $WORKLOAD 0755 0 0"
 		if [ -n "$EXTRA" ]; then
 			[ -d "$EXTRA" ] || die "APFVM_INITRAMFS_EXTRA=$EXTRA is not a directory"
 			local abs path type mode target
@@ -322,6 +337,7 @@ main() {
 		built="kernel"
 	fi
 
+	build_workload # incremental: ~0.2 s when nothing changed
 	ihash=$(initramfs_hash)
 	if [ "$ihash" != "$(cat "$OUT/initramfs.stamp" 2>/dev/null)" ] ||
 		[ ! -f "$OUT/initramfs.cpio" ] || [ ! -f "$OUT/initramfs.cpio.gz" ]; then

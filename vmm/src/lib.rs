@@ -11,6 +11,7 @@ pub mod child;
 pub mod config;
 pub mod console;
 pub mod kvm_trace;
+pub mod linux_guest;
 pub mod memory;
 pub mod metrics;
 pub mod pager;

@@ -32,8 +32,22 @@ enum Command {
     Bench(BenchArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchGuestKind {
+    /// The built-in reference guest.
+    Reference,
+    /// The project's Linux guest with apfvm-workload (build it with resources/linux/build.sh).
+    Linux,
+}
+
 #[derive(Args)]
 struct BenchArgs {
+    /// The guest every case boots.
+    #[arg(long, value_enum, default_value = "reference")]
+    guest: BenchGuestKind,
+    /// resources/linux/build.sh's output directory (vmlinux, initramfs.cpio), for --guest linux.
+    #[arg(long, value_name = "DIR", default_value = ".cache/linux")]
+    linux_dir: PathBuf,
     /// Directory for bench.json and bench.svg.
     #[arg(long, value_name = "DIR", default_value = "bench-out")]
     output: PathBuf,
@@ -60,7 +74,14 @@ fn bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|v| v.parse::<u8>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| vmm::bench::BenchError::BadVcpus)?;
+    let guest = match args.guest {
+        BenchGuestKind::Reference => vmm::bench::BenchGuest::Reference,
+        BenchGuestKind::Linux => vmm::bench::BenchGuest::Linux {
+            dir: args.linux_dir.clone(),
+        },
+    };
     let opts = vmm::bench::BenchOptions {
+        guest,
         output: args.output.clone(),
         vcpus,
         latencies: vmm::bench::parse_list(&args.latencies),

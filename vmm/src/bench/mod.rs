@@ -1,8 +1,9 @@
 //! `apfvm bench`: how much guest work host page faults cost, with and without async page
 //! faults, against a no-fault baseline measured in the same run.
 //!
-//! Each case boots the reference guest (a child `apfvm demo`) with toucher tasks that fault
-//! pages in and busy tasks that count work on the same vCPUs:
+//! Each case boots a guest (a child apfvm: the reference guest by `apfvm demo`, or the
+//! project's Linux guest with apfvm-workload) with toucher tasks that fault pages in and busy
+//! tasks that count work on the same vCPUs:
 //! - baseline: no host paging (no faults);
 //! - apf off: host paging with a fetch latency, async PF hidden (a fault stalls the vCPU);
 //! - apf on: the same with async PF (the guest runs busy tasks while a toucher waits).
@@ -21,10 +22,21 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::child::wait_with_limit;
+use crate::linux_guest;
 use crate::pager::parse_duration;
+
+/// The guest the cases boot.
+#[derive(Debug, Clone)]
+pub enum BenchGuest {
+    /// The built-in reference guest.
+    Reference,
+    /// The project's Linux guest from resources/linux/build.sh's output directory.
+    Linux { dir: PathBuf },
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    pub guest: BenchGuest,
     pub output: PathBuf,
     pub vcpus: Vec<u8>,
     pub latencies: Vec<String>,
@@ -45,6 +57,11 @@ pub enum BenchError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "the Linux guest is not built: {0} is missing (run resources/linux/build.sh, or pass \
+         --linux-dir with its output directory)"
+    )]
+    LinuxGuestMissing(String),
     #[error("running case {case}: {message}")]
     Case { case: String, message: String },
     #[error("floor measurement: {0}")]
@@ -122,23 +139,70 @@ fn cases(opts: &BenchOptions) -> Vec<Case> {
     all
 }
 
-/// The workload every case runs: per vCPU two touchers share `pages_per_vcpu` pages, and
+/// What a case's guest reported, in the terms every guest shares.
+struct Measured {
+    busy_ops: f64,
+    seconds: f64,
+    pfaults: u64,
+    pages_touched: f64,
+    /// The guest's own result line.
+    guest: Value,
+    /// The pager's summary line (paging cases).
+    pager: Option<Value>,
+}
+
+/// The reference guest's workload: per vCPU two touchers share `pages_per_vcpu` pages, and
 /// one busy task counts.
-fn guest_cmdline(opts: &BenchOptions, vcpus: u8) -> String {
+fn reference_cmdline(opts: &BenchOptions, vcpus: u8) -> String {
     format!(
         "pages={} touchers=2 busy=1 passes=1 stall_us=50",
         opts.pages_per_vcpu * u32::from(vcpus)
     )
 }
 
-fn run_case(opts: &BenchOptions, case: &Case) -> Result<(Value, Option<Value>), BenchError> {
+/// The Linux guest's workload: per vCPU one toucher (at nice -20, so that it has the CPU
+/// whenever it can run) that evicts its `pages_per_vcpu` pages and touches them again, and one
+/// busy thread on the same CPU. The baseline runs the busy threads alone.
+fn linux_workload(opts: &BenchOptions, case: &Case) -> String {
+    let cpus = (0..case.vcpus)
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let v = case.vcpus;
+    match case.mode {
+        Mode::Baseline => {
+            format!("apfvm-workload --touchers 0 --busy {v} --cpu {cpus} --seconds 3")
+        }
+        Mode::ApfOff | Mode::ApfOn => format!(
+            "apfvm-workload --evict --touchers {v} --busy {v} --cpu {cpus} --pages {} --passes 1 \
+             --toucher-nice -20",
+            opts.pages_per_vcpu
+        ),
+    }
+}
+
+fn run_case(opts: &BenchOptions, case: &Case) -> Result<Measured, BenchError> {
     let err = |message: String| BenchError::Case {
         case: case.label(),
         message,
     };
     let exe = std::env::current_exe().map_err(|e| err(e.to_string()))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["demo", "--mem", "128M", "--kvm-device", &opts.kvm_device]);
+    match &opts.guest {
+        BenchGuest::Reference => {
+            cmd.args(["demo", "--cmdline", &reference_cmdline(opts, case.vcpus)]);
+        }
+        BenchGuest::Linux { dir } => {
+            let cmdline = linux_guest::cmdline_running(&linux_workload(opts, case)).map_err(err)?;
+            cmd.arg("run")
+                .arg("--kernel")
+                .arg(linux_guest::vmlinux(dir))
+                .arg("--initrd")
+                .arg(linux_guest::initramfs(dir))
+                .args(["--cmdline", &cmdline]);
+        }
+    }
+    cmd.args(["--mem", "128M", "--kvm-device", &opts.kvm_device]);
     cmd.args(["--vcpus", &case.vcpus.to_string()]);
     if let Some(latency) = &case.latency {
         cmd.args(["--pager", "uffd", "--fault-latency", latency]);
@@ -151,7 +215,6 @@ fn run_case(opts: &BenchOptions, case: &Case) -> Result<(Value, Option<Value>), 
             },
         ]);
     }
-    cmd.args(["--cmdline", &guest_cmdline(opts, case.vcpus)]);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -163,19 +226,46 @@ fn run_case(opts: &BenchOptions, case: &Case) -> Result<(Value, Option<Value>), 
         return Err(err(format!("no result within {CASE_LIMIT:?}")));
     }
     let (stdout, stderr) = (&out.stdout, &out.stderr);
-    let result = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("APFVM-RESULT "))
-        .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .ok_or_else(|| err(format!("no guest result (exit {:?}): {stderr}", out.status)))?;
-    if result["verdict"] != "pass" || !out.status.success() {
-        return Err(err(format!("guest failed: {result} {stderr}")));
-    }
     let pager = stderr
         .lines()
         .find_map(|l| l.strip_prefix("apfvm: pager: "))
         .and_then(|l| serde_json::from_str::<Value>(l).ok());
-    Ok((result, pager))
+    let no_result = || err(format!("no guest result (exit {:?}): {stderr}", out.status));
+    let measured = match &opts.guest {
+        BenchGuest::Reference => {
+            let result = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("APFVM-RESULT "))
+                .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
+                .ok_or_else(no_result)?;
+            Measured {
+                busy_ops: num(&result, "busy_ops"),
+                seconds: num(&result, "elapsed_ms") / 1e3,
+                pfaults: result["pfaults"].as_u64().unwrap_or(0),
+                pages_touched: num(&result, "pages_touched"),
+                guest: result,
+                pager,
+            }
+        }
+        BenchGuest::Linux { .. } => {
+            let result = linux_guest::workload_result(stdout).ok_or_else(no_result)?;
+            if linux_guest::command_status(stdout) != Some(0) {
+                return Err(err(format!("apfvm-workload failed: {result} {stderr}")));
+            }
+            Measured {
+                busy_ops: num(&result, "busy_ops"),
+                seconds: num(&result, "seconds"),
+                pfaults: result["counters"]["apf_not_present"].as_u64().unwrap_or(0),
+                pages_touched: num(&result, "pages_touched"),
+                guest: result,
+                pager,
+            }
+        }
+    };
+    if measured.guest["verdict"] != "pass" || !out.status.success() {
+        return Err(err(format!("guest failed: {} {stderr}", measured.guest)));
+    }
+    Ok(measured)
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -194,12 +284,19 @@ pub fn run(opts: &BenchOptions) -> Result<Value, BenchError> {
     {
         return Err(BenchError::BadVcpus);
     }
+    if let BenchGuest::Linux { dir } = &opts.guest {
+        for file in [linux_guest::vmlinux(dir), linux_guest::initramfs(dir)] {
+            if !file.is_file() {
+                return Err(BenchError::LinuxGuestMissing(file.display().to_string()));
+            }
+        }
+    }
     let mut results: Vec<CaseResult> = Vec::new();
     for case in cases(opts) {
         eprintln!("apfvm bench: {} ...", case.label());
-        let (guest, pager) = run_case(opts, &case)?;
-        let seconds = num(&guest, "elapsed_ms") / 1e3;
-        let busy_rate = num(&guest, "busy_ops") / seconds.max(1e-9);
+        let measured = run_case(opts, &case)?;
+        let seconds = measured.seconds;
+        let busy_rate = measured.busy_ops / seconds.max(1e-9);
         let baseline = results
             .iter()
             .find(|r| r.vcpus == case.vcpus && r.mode == Mode::Baseline.name())
@@ -211,12 +308,13 @@ pub fn run(opts: &BenchOptions) -> Result<Value, BenchError> {
             latency: case.latency.clone(),
             busy_ops_per_sec: busy_rate,
             ratio_to_baseline: busy_rate / baseline.max(1e-9),
-            pfaults: guest["pfaults"].as_u64().unwrap_or(0),
-            pages_per_sec: num(&guest, "pages_touched") / seconds.max(1e-9),
-            service: pager
+            pfaults: measured.pfaults,
+            pages_per_sec: measured.pages_touched / seconds.max(1e-9),
+            service: measured
+                .pager
                 .as_ref()
                 .map_or(Value::Null, |p| p["service_async"].clone()),
-            guest,
+            guest: measured.guest,
         });
     }
     eprintln!("apfvm bench: floor (host thread, same pager, no KVM) ...");
@@ -226,9 +324,18 @@ pub fn run(opts: &BenchOptions) -> Result<Value, BenchError> {
     let floor_p50 = floor.service["p50_us"].as_f64().unwrap_or(0.0);
     let report = json!({
         "machine": machine_description(),
-        "workload": {
-            "guest": "reference",
-            "per_vcpu": { "touchers": 2, "busy": 1, "pages": opts.pages_per_vcpu },
+        "workload": match &opts.guest {
+            BenchGuest::Reference => json!({
+                "guest": "reference",
+                "per_vcpu": { "touchers": 2, "busy": 1, "pages": opts.pages_per_vcpu },
+            }),
+            BenchGuest::Linux { dir } => json!({
+                "guest": "linux",
+                "kernel": linux_guest::vmlinux(dir),
+                "per_vcpu": {
+                    "touchers": 1, "toucher_nice": -20, "busy": 1, "pages": opts.pages_per_vcpu,
+                },
+            }),
         },
         "floor": {
             "touch": floor.touch.summary(),
@@ -257,6 +364,7 @@ pub fn run(opts: &BenchOptions) -> Result<Value, BenchError> {
                 "service_p50_ratio_to_floor": p50.map(|p| p / floor_p50.max(1.0)),
                 "service_p50_overhead_us": overhead,
                 "service_p50_overhead_ratio_to_floor": overhead.map(|o| o / floor_p50.max(1.0)),
+                "guest": r.guest,
             })
         }).collect::<Vec<_>>(),
     });

@@ -105,17 +105,19 @@ pub enum PagerError {
     Create(userfaultfd::Error),
     #[error("registering guest RAM with userfaultfd: {0}")]
     Register(userfaultfd::Error),
+    #[error("finding the guest RAM pages already in memory (mincore): {0}")]
+    Residency(std::io::Error),
     #[error("starting a pager thread: {0}")]
     Thread(std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PageState {
-    /// Never served by the pager: missing, or written by the loader before paging began.
+    /// Missing, never served by the pager.
     Untouched,
     /// A fetch is queued or running.
     InFlight,
-    /// Served by the pager and mapped.
+    /// Mapped: served by the pager, or written by the loader before paging began.
     Resident,
     /// Write-protected, being saved and dropped.
     Evicting,
@@ -226,7 +228,7 @@ fn host_ptr(addr: usize) -> *mut libc::c_void {
 impl Pager {
     /// Registers all of `mem` with a new userfaultfd and starts the reader, the workers and
     /// (with a policy) the evictor. Pages already written (the loaded kernel, boot data) stay
-    /// as they are; every other page faults in from `store` on first touch.
+    /// as they are (and can be evicted); every other page faults in from `store` on first touch.
     /// `on_fatal` is called when paging cannot go on (e.g. the store cannot be read).
     pub fn start(
         mem: &GuestMemoryMmap,
@@ -257,13 +259,25 @@ impl Pager {
             )
             .map_err(PagerError::Register)?;
         }
-        let pages = ram.pages() as usize;
+        let state = ram
+            .resident_pages()
+            .map_err(PagerError::Residency)?
+            .into_iter()
+            .map(|resident| {
+                if resident {
+                    PageState::Resident
+                } else {
+                    PageState::Untouched
+                }
+            })
+            .collect::<Vec<_>>();
+        let pages = state.len();
         let shared = Arc::new(Shared {
             uffd,
             ram,
             store,
             pages: Mutex::new(PageTable {
-                state: vec![PageState::Untouched; pages],
+                state,
                 swap: HashMap::new(),
                 refault_after_eviction: HashSet::new(),
             }),

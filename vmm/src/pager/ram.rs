@@ -98,6 +98,29 @@ impl RamLayout {
             .map(|r| (r.ram_offset + gpa - r.gpa) / PAGE_SIZE as u64)
     }
 
+    /// Which pages are already in host memory (written before paging began, e.g. by the
+    /// loader): they never fault, but the pager must still be able to evict them.
+    pub fn resident_pages(&self) -> std::io::Result<Vec<bool>> {
+        let mut resident = Vec::with_capacity(self.pages as usize);
+        for r in &self.regions {
+            let mut core = vec![0u8; r.len as usize / PAGE_SIZE];
+            // SAFETY: [host, host+len) is one mapping of guest RAM; `core` has one byte per
+            // page of it, as mincore writes.
+            let rc = unsafe {
+                libc::mincore(
+                    r.host as *mut libc::c_void,
+                    r.len as usize,
+                    core.as_mut_ptr(),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            resident.extend(core.iter().map(|b| b & 1 == 1));
+        }
+        Ok(resident)
+    }
+
     /// Splits sorted page numbers into runs that are contiguous in one host mapping.
     pub fn runs(&self, sorted_pages: &[u64]) -> Vec<HostRun> {
         let mut runs: Vec<HostRun> = Vec::new();

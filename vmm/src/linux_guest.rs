@@ -1,0 +1,82 @@
+//! The project's Linux guest as programs drive it (resources/linux: kernel, initramfs with
+//! /init and apfvm-workload): where build.sh puts it, the kernel command line it needs, and
+//! how to read what it prints.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The kernel command line for the project's Linux guest. Everything after `panic=-1` is for
+/// hosts that emulate guest kernel mode (resources/linux/README.md says why for each); on
+/// ordinary KVM hosts it costs nothing that matters.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nofsgsbase noinvpcid \
+    nopcid clearcpuid=308,295,151,158,306,534,297,580 tsc=reliable rodata=off quiet \
+    percpu_alloc=page";
+
+/// /init's line once user space runs: `APFVM-LINUX: userspace up cpus=N ...`.
+pub const USERSPACE_UP: &str = "APFVM-LINUX: userspace up cpus=";
+/// /init's line after the command: `APFVM-LINUX: exit STATUS`.
+pub const COMMAND_EXIT: &str = "APFVM-LINUX: exit ";
+const WORKLOAD_RESULT: &str = "APFVM-WORKLOAD ";
+
+/// build.sh's default output directory under a repository checkout.
+pub fn default_dir(repo: &Path) -> PathBuf {
+    repo.join(".cache/linux")
+}
+
+pub fn vmlinux(dir: &Path) -> PathBuf {
+    dir.join("vmlinux")
+}
+
+/// The uncompressed initramfs (the gzip one costs a minute of emulated inflate on PVM).
+pub fn initramfs(dir: &Path) -> PathBuf {
+    dir.join("initramfs.cpio")
+}
+
+/// The command line that makes /init run `command` (one line, no `"`), then reboot.
+pub fn cmdline_running(command: &str) -> Result<String, String> {
+    if command.contains('"') || command.contains('\n') {
+        return Err(format!(
+            "a command for apfvm.cmd= cannot hold '\"' or newlines: {command}"
+        ));
+    }
+    Ok(format!("{BASE_CMDLINE} apfvm.cmd=\"{command}\""))
+}
+
+/// The exit status /init reported for the command, if it got that far.
+pub fn command_status(stdout: &str) -> Option<i32> {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(COMMAND_EXIT)?.trim().parse().ok())
+}
+
+/// apfvm-workload's `APFVM-WORKLOAD {json}` line.
+pub fn workload_result(stdout: &str) -> Option<Value> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(WORKLOAD_RESULT))
+        .and_then(|json| serde_json::from_str(json.trim()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_quotes_the_command_and_refuses_quotes_inside() {
+        let line = cmdline_running("apfvm-workload --pages 8").unwrap();
+        assert!(line.starts_with("console=ttyS0 "));
+        assert!(line.ends_with(" apfvm.cmd=\"apfvm-workload --pages 8\""));
+        assert!(cmdline_running("echo \"hi\"").is_err());
+    }
+
+    #[test]
+    fn reads_the_exit_status_and_the_workload_line_among_kernel_output() {
+        let out =
+            "[    1.0] reboot\nAPFVM-WORKLOAD {\"verdict\":\"pass\"}\r\nAPFVM-LINUX: exit 3\r\n";
+        assert_eq!(command_status(out), Some(3));
+        assert_eq!(workload_result(out).unwrap()["verdict"], "pass");
+        assert_eq!(command_status("APFVM-LINUX: userspace up cpus=1"), None);
+        assert!(workload_result("APFVM-WORKLOAD {broken").is_none());
+    }
+}
