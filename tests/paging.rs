@@ -162,3 +162,48 @@ fn bench_writes_a_report_and_chart_for_every_case() {
         "chart labels"
     );
 }
+
+/// A memory image that cannot be read any more (here: truncated under the running VM) stops
+/// the VM with an error naming the file and the page, and a non-zero exit; no hang, and no
+/// silent zero page handed to the guest.
+#[test]
+fn an_unreadable_memory_image_stops_the_vm_with_an_error_naming_file_and_page() {
+    if !kvm_available() {
+        return;
+    }
+    let _one_at_a_time = exclusive();
+    let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    image.as_file().set_len(128 << 20).unwrap();
+    let path = image.as_path().to_str().unwrap().to_string();
+    // 20 ms per fetch over 4,000 pages: the guest is still faulting pages in when the file
+    // shrinks.
+    let child = spawn(&[
+        "demo",
+        "--mem",
+        "128M",
+        "--pager",
+        "uffd",
+        "--memory-image",
+        &path,
+        "--fault-latency",
+        "20ms",
+        "--cmdline",
+        "pages=4000 touchers=4 busy=1 passes=1",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    image.as_file().set_len(0).unwrap();
+    let run = wait(child, LIMIT);
+    assert_eq!(run.code(), Some(1), "{}", run.describe());
+    assert!(
+        run.stderr.contains("host paging failed")
+            && run.stderr.contains(&format!("of memory image {path}"))
+            && run.stderr.contains("reading page at offset 0x"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !run.stdout.contains("APFVM-RESULT"),
+        "the guest must not finish on zero pages: {}",
+        run.describe()
+    );
+}

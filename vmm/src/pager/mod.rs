@@ -324,9 +324,22 @@ impl Pager {
         body: impl FnOnce(Arc<Shared>) + Send + 'static,
     ) -> Result<(), PagerError> {
         let shared = self.shared.clone();
+        let thread = name.to_string();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || body(shared))
+            .spawn(move || {
+                // A pager thread that dies leaves faults unserved and the guest wedged: stop
+                // the VM with an error instead.
+                let run = std::panic::AssertUnwindSafe(|| body(shared.clone()));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    shared.fatal(format!("pager thread {thread} died: {what}"));
+                }
+            })
             .map_err(PagerError::Thread)?;
         self.threads
             .lock()
@@ -932,6 +945,64 @@ mod tests {
         assert_eq!(read(5), 0, "past the image's end");
         assert!(eventually_at_least(&pager.stats().served_from_store, 2));
         assert_eq!(pager.stats().served_from_store.load(Ordering::Relaxed), 2);
+        // A loaded page is resident like any other: it can be evicted and comes back intact.
+        assert_eq!(pager.evict_range(2, 1), 1);
+        assert_eq!(read(2), 7, "restored from the saved copy");
+        assert!(eventually_at_least(&pager.stats().restored_from_swap, 1));
+    }
+
+    /// A pager that captures its fatal errors, as the VM does to stop itself.
+    fn pager_reporting_fatal(
+        mem: &GuestMemoryMmap,
+        store: PageStore,
+    ) -> (Pager, std::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let on_fatal = Box::new(move |m: String| {
+            let _ = tx.lock().unwrap().send(m);
+        });
+        let pager = Pager::start(mem, store, PagerConfig::default(), on_fatal).unwrap();
+        (pager, rx)
+    }
+
+    #[test]
+    fn a_store_read_error_is_fatal_and_names_the_file_and_the_page() {
+        let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(image.as_path(), vec![1u8; 8 * PAGE_SIZE]).unwrap();
+        let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
+        let store = PageStore::image(image.as_path()).unwrap();
+        let (pager, fatal) = pager_reporting_fatal(&mem, store);
+        // The image shrinks under the running VM: page 6 can no longer be read in full.
+        image.as_file().set_len(5 * PAGE_SIZE as u64 + 100).unwrap();
+        let toucher = {
+            let mem = mem.clone();
+            std::thread::spawn(move || mem.read_obj::<u8>(GuestAddress(6 * PAGE_SIZE as u64)))
+        };
+        let message = fatal
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fatal error");
+        let path = image.as_path().display().to_string();
+        assert!(message.contains(&path), "{message}");
+        assert!(message.contains("offset 0x6000"), "{message}");
+        // Stopping releases the toucher (the VM is gone by then); it must not hang.
+        drop(pager);
+        toucher.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_pager_thread_that_panics_is_reported_as_fatal() {
+        let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
+        let (pager, fatal) = pager_reporting_fatal(&mem, PageStore::Zero);
+        pager
+            .spawn("pager-worker9", |_| panic!("page table poisoned"))
+            .unwrap();
+        let message = fatal
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fatal error");
+        assert_eq!(
+            message,
+            "pager thread pager-worker9 died: page table poisoned"
+        );
     }
 
     #[test]
