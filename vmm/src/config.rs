@@ -78,6 +78,8 @@ pub struct VmConfig {
     pub paging: Option<PagingConfig>,
     pub metrics: Option<MetricsConfig>,
     pub kvm_trace: bool,
+    /// Confine every thread with seccomp-bpf once set up (off: `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// Where and how often metrics are written (`--metrics-file`).
@@ -147,6 +149,10 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub kvm_trace: bool,
+    /// Do not confine apfvm's threads with seccomp filters (for debugging on a new host).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +265,7 @@ impl Settings {
             metrics_file: self.metrics_file.or(file.metrics_file),
             metrics_interval: self.metrics_interval.or(file.metrics_interval),
             kvm_trace: self.kvm_trace || file.kvm_trace,
+            no_seccomp: self.no_seccomp || file.no_seccomp,
         }
     }
 
@@ -318,6 +325,7 @@ impl Settings {
             paging,
             metrics,
             kvm_trace: self.kvm_trace,
+            seccomp: !self.no_seccomp,
         })
     }
 

@@ -150,7 +150,12 @@ impl KvmTrace {
         trace.reader = Some(
             std::thread::Builder::new()
                 .name("kvm-trace".into())
-                .spawn(move || read_pipe(pipe, &counts, &stop))
+                .spawn(move || {
+                    match crate::seccomp::confine(crate::seccomp::ThreadKind::KvmTrace) {
+                        Ok(()) => read_pipe(pipe, &counts, &stop),
+                        Err(e) => log::error!("kvm-trace: {e}; no trace counts"),
+                    }
+                })
                 .map_err(io_err("starting reader for", &pipe_path))?,
         );
         Ok(trace)

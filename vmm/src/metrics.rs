@@ -129,6 +129,10 @@ impl MetricsWriter {
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::confine(crate::seccomp::ThreadKind::Metrics) {
+                    fl.store(true, Ordering::Relaxed);
+                    return Err(std::io::Error::other(e.to_string()));
+                }
                 let mut stopped = st.stop.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let (guard, _) = st

@@ -35,6 +35,7 @@ use crate::kvm_trace::{KvmTrace, TraceError};
 use crate::memory::{self, MemoryError};
 use crate::metrics::{MetricsWriter, VcpuMetrics};
 use crate::pager::{PageStore, Pager, PagerError, StoreError};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuFault};
 use crate::vm_stop::{StopReason, VmStop};
 
@@ -500,6 +501,10 @@ fn spawn_vcpus(
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || {
+                if let Err(e) = seccomp::confine(ThreadKind::Vcpu) {
+                    stop.request(StopReason::Vmm(e.to_string()));
+                    return;
+                }
                 if let Some(pager) = pager {
                     // Faults raised by this thread stall the vCPU itself (guest kernel mode).
                     // SAFETY: gettid has no preconditions.
@@ -537,6 +542,7 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     let stop = Arc::new(VmStop::new().map_err(|e| VmError::Events(e.to_string()))?);
     let signals = SignalListener::new(stop.clone())?;
     let _mask = SignalMaskGuard;
+    seccomp::enable(config.seccomp).map_err(|e| VmError::Vmm(e.to_string()))?;
     let kvm = open_kvm(kvm_path)?;
     check_kvm(&kvm, config)?;
     let vm = create_vm(&kvm)?;
@@ -563,7 +569,10 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     let metrics_writer = start_metrics(config, &vcpu_metrics, pager.as_ref(), trace.as_ref())?;
     let handles = spawn_vcpus(vcpus, &io, &mem, &stop, pager.as_ref(), &vcpu_metrics)?;
 
-    let loop_result = run_event_loop(&stop, serial, signals);
+    // From here on the main thread only runs the event loop and tears the VM down.
+    let loop_result = seccomp::confine(ThreadKind::Main)
+        .map_err(|e| VmError::Vmm(e.to_string()))
+        .and_then(|()| run_event_loop(&stop, serial, signals));
     if let Err(e) = &loop_result {
         stop.request(StopReason::Vmm(e.to_string()));
     }

@@ -19,6 +19,7 @@ mod latency;
 mod ram;
 mod store;
 
+use crate::seccomp::{self, ThreadKind};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -308,12 +309,20 @@ impl Pager {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
         };
-        pager.spawn("pager-reader", move |s| s.reader_loop())?;
+        pager.spawn("pager-reader", ThreadKind::PagerReader, move |s| {
+            s.reader_loop()
+        })?;
         for i in 0..config.workers.max(1) {
-            pager.spawn(&format!("pager-worker{i}"), move |s| s.worker_loop())?;
+            pager.spawn(
+                &format!("pager-worker{i}"),
+                ThreadKind::PagerWorker,
+                move |s| s.worker_loop(),
+            )?;
         }
         if let Some(policy) = config.evict {
-            pager.spawn("pager-evictor", move |s| s.evictor_loop(policy))?;
+            pager.spawn("pager-evictor", ThreadKind::PagerEvictor, move |s| {
+                s.evictor_loop(policy)
+            })?;
         }
         Ok(pager)
     }
@@ -321,6 +330,7 @@ impl Pager {
     fn spawn(
         &self,
         name: &str,
+        kind: ThreadKind,
         body: impl FnOnce(Arc<Shared>) + Send + 'static,
     ) -> Result<(), PagerError> {
         let shared = self.shared.clone();
@@ -328,6 +338,10 @@ impl Pager {
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                if let Err(e) = seccomp::confine(kind) {
+                    shared.fatal(e.to_string());
+                    return;
+                }
                 // A pager thread that dies leaves faults unserved and the guest wedged: stop
                 // the VM with an error instead.
                 let run = std::panic::AssertUnwindSafe(|| body(shared.clone()));
@@ -994,7 +1008,9 @@ mod tests {
         let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
         let (pager, fatal) = pager_reporting_fatal(&mem, PageStore::Zero);
         pager
-            .spawn("pager-worker9", |_| panic!("page table poisoned"))
+            .spawn("pager-worker9", ThreadKind::PagerWorker, |_| {
+                panic!("page table poisoned")
+            })
             .unwrap();
         let message = fatal
             .recv_timeout(Duration::from_secs(5))
