@@ -10,12 +10,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-fn field(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no numeric '{key}' in {v}"))
-}
-
 /// Runs the reference guest with a paging workload and returns (guest result, pager summary)
 /// after checking the guest's own verdict: every byte right, every token accounted for,
 /// nothing left parked.
@@ -35,15 +29,7 @@ fn workload(
     let result = guest_result(&run);
     assert_eq!(result["verdict"], "pass", "{args:?}: {}", run.describe());
     assert_eq!(run.code(), Some(0), "{}", run.describe());
-    for key in [
-        "bad_bytes",
-        "wrong_tokens",
-        "dup_wakes",
-        "parked_at_exit",
-        "dummies_left",
-    ] {
-        assert_eq!(field(&result, key), 0, "{key}: {result}");
-    }
+    assert_guest_checks_clean(&result);
     Some((result, pager_summary(&run)))
 }
 

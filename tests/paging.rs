@@ -9,12 +9,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn field(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no numeric '{key}' in {v}"))
-}
-
 /// All guest RAM behind the pager, with pages evicted every 2 ms while the guest boots its
 /// CPUs: kernel-mode touches are served synchronously, evicted pages come back intact.
 #[test]

@@ -137,3 +137,24 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A number from a JSON result line.
+pub fn field(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no numeric '{key}' in {v}"))
+}
+
+/// The reference guest's own checks in its result line: every byte right, every token
+/// accounted for, nothing left parked.
+pub fn assert_guest_checks_clean(result: &serde_json::Value) {
+    for key in [
+        "bad_bytes",
+        "wrong_tokens",
+        "dup_wakes",
+        "parked_at_exit",
+        "dummies_left",
+    ] {
+        assert_eq!(field(result, key), 0, "{key}: {result}");
+    }
+}
