@@ -51,6 +51,10 @@ void apf_enable(struct cpu *c)
 	c->apf.flags = 0;
 	c->apf.token = 0;
 	wrmsr(MSR_KVM_ASYNC_PF_INT, VEC_APF_READY);
+	if (unlikely(hostile.mode == HOSTILE_APF_OUTSIDE_RAM)) {
+		hostile_apf_enable(c);	/* bad values instead; leaves apf_on 0 */
+		return;
+	}
 	wrmsr(MSR_KVM_ASYNC_PF_EN, (u64)(uintptr_t)&c->apf | KVM_ASYNC_PF_ENABLED |
 				      KVM_ASYNC_PF_DELIVERY_AS_INT);
 	c->apf_on = 1;
@@ -172,6 +176,8 @@ static inline void apf_not_present(struct cpu *c, u32 token)
 	c->nr_parked = parked;
 	if (parked > c->st.max_parked)
 		c->st.max_parked = parked;
+	if (unlikely(hostile.mode))
+		hostile_parked(c);
 	schedule(c, t);
 }
 
@@ -297,9 +303,13 @@ void apf_ready_handler(struct kframe *f)
 	}
 	c->apf.token = 0;
 	skip_idle_hlt(c, f);
-	apic_eoi();
-	if (likely(c->apf_on))
-		wrmsr(MSR_KVM_ASYNC_PF_ACK, 1);
+	if (likely(!hostile.mode)) {
+		apic_eoi();
+		if (likely(c->apf_on))
+			wrmsr(MSR_KVM_ASYNC_PF_ACK, 1);
+	} else {
+		hostile_ready_ack(c);
+	}
 	/* Woke the idle loop: run the task right away instead of returning to idle first. */
 	if (f->rip == (u64)(uintptr_t)idle_hlt + 1 && c->rq_head && !c->offline_req)
 		run_from_idle(c);

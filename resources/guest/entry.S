@@ -221,6 +221,27 @@ switch_to:
 	popq	%rbp
 	ret
 
+/*
+ * int wrmsr_safe(u32 msr, u64 val): WRMSR that returns 1 instead of dying if
+ * the hypervisor refuses the value with #GP (trap_handler moves RIP from
+ * wrmsr_safe_insn to wrmsr_safe_gp). Only hostile= uses it.
+ */
+	.globl	wrmsr_safe
+	.globl	wrmsr_safe_insn
+	.globl	wrmsr_safe_gp
+wrmsr_safe:
+	movl	%edi, %ecx
+	movl	%esi, %eax
+	movq	%rsi, %rdx
+	shrq	$32, %rdx
+wrmsr_safe_insn:
+	wrmsr
+	xorl	%eax, %eax
+	ret
+wrmsr_safe_gp:
+	movl	$1, %eax
+	ret
+
 /* Spurious APIC interrupts need no EOI: just return. */
 	.globl	isr_spurious
 isr_spurious:

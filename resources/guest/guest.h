@@ -95,9 +95,11 @@
 /* ---- Vectors ---- */
 #define VEC_UD			6	/* #UD: ud2 from CPL3 is the system call */
 #define VEC_DOUBLE_FAULT	8
+#define VEC_GP			13	/* #GP: wrmsr_safe() turns it into an error return */
 #define VEC_PF			14	/* #PF: also async PF "page not present" */
 #define VEC_APF_READY		0xec	/* async PF "page ready" (MSR_KVM_ASYNC_PF_INT) */
 #define VEC_TIMER		0xef	/* BSP's LAPIC timer: watchdog only, never preempts */
+#define VEC_TIMER_HIGH		0xfe	/* the watchdog with hostile=no-eoi (above 0xec's class) */
 #define VEC_IPI			0xf0	/* reschedule: migrated tasks arrived / go offline */
 #define VEC_SPURIOUS		0xff	/* x2APIC spurious-interrupt vector */
 #define NUM_EXCEPTIONS		32
@@ -376,6 +378,19 @@ struct apf_stats {
 	u64 hlt_skips;		/* interrupts taken between STI and HLT in idle */
 };
 
+/* Per-CPU counters of hostile= (hostile.c); reported on the `hostile` line. */
+struct hostile_stats {
+	u64 wrmsr_tried;	/* apf-outside-ram: bad MSR_KVM_ASYNC_PF_EN values written */
+	u64 wrmsr_gp;		/* ... of which KVM refused with #GP */
+	u64 acks_skipped;	/* no-ack, no-eoi: page-readys not acknowledged */
+	u64 eois_skipped;	/* no-eoi: page-readys not EOI'd */
+	u64 toggles;		/* toggle: disable + enable pairs done */
+	u64 spins;		/* cli-spin: IF=0 spins done */
+	u64 spin_cycles;
+	u64 parked_during_spin;	/* cli-spin: tasks parked on this CPU while it spun */
+	u64 others_completed_during_spin;	/* cli-spin: completions other CPUs took meanwhile */
+};
+
 enum task_kind { TASK_IDLE, TASK_TOUCHER, TASK_BUSY, TASK_CONTROLLER };
 
 struct cpu;
@@ -439,6 +454,7 @@ struct cpu {
 	u32 dummies_live;
 	struct apf_node dummy_pool[APF_DUMMY_POOL];
 	struct apf_stats st;
+	struct hostile_stats hst;
 
 	/* incremented by busy tasks in user mode; read by touchers */
 	volatile u64 busy_ops __aligned(64);
@@ -524,6 +540,33 @@ void pf_handler(struct kframe *f);
 void apf_ready_handler(struct kframe *f);
 u32 apf_wake_all_parked(struct cpu *c);
 u32 apf_dummies_left(struct cpu *c);
+
+/* ---- hostile=<mode>: misbehaving on purpose (hostile.c) ---- */
+enum hostile_mode {
+	HOSTILE_NONE = 0,
+	HOSTILE_APF_OUTSIDE_RAM,	/* bad MSR_KVM_ASYNC_PF_EN values instead of enabling */
+	HOSTILE_NO_ACK,			/* page-ready: EOI but never MSR_KVM_ASYNC_PF_ACK */
+	HOSTILE_NO_EOI,			/* page-ready: neither EOI nor ACK */
+	HOSTILE_TOGGLE,			/* disable + enable async PF `toggles` times with tasks parked */
+	HOSTILE_CLI_SPIN,		/* spin with IF=0 for spin_ms with a task parked */
+};
+
+struct hostile {
+	u32 mode;		/* enum hostile_mode */
+	u32 toggles;		/* toggle: total over all CPUs */
+	u32 toggle_burst;	/* toggle: pairs per page-not-present */
+	u32 spin_ms;		/* cli-spin */
+	volatile u32 toggles_claimed;
+};
+extern struct hostile hostile;
+
+bool hostile_parse_word(const char *word, size_t len);
+void hostile_apf_enable(struct cpu *c);
+void hostile_ready_ack(struct cpu *c);
+void hostile_parked(struct cpu *c);
+void hostile_report(u32 cpus);
+int wrmsr_safe(u32 msr, u64 val);	/* entry.S: 0, or 1 if the wrmsr raised #GP */
+extern const u8 wrmsr_safe_insn[], wrmsr_safe_gp[];
 
 /* ---- Tasks and the per-CPU scheduler (sched.c) ---- */
 extern struct task tasks[MAX_TASKS];

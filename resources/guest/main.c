@@ -82,6 +82,8 @@ static void parse_cmdline(struct boot_options *opt)
 			opt->hold = true;
 		} else if (str_has_prefix(word, len, "fail=")) {
 			fail(EXIT_BAD_BOOT, "unknown fail= mode in the command line");
+		} else if (hostile_parse_word(word, len)) {
+			/* hostile.c */
 		} else {
 			workload_parse_word(word, len);	/* the workload's words (workload.c) */
 		}
@@ -157,7 +159,7 @@ __noreturn void main(u32 start_info_paddr)
 	kprintf("apfvm-ref: cpu 0 apic %u long mode\n", apic_id);
 	if (wl.apf) {
 		apf_enable(&cpus[0]);
-		if (!apf_wait_wakeall(&cpus[0], 0, 1000000))
+		if (cpus[0].apf_on && !apf_wait_wakeall(&cpus[0], 0, 1000000))
 			kprintf("apfvm-ref: cpu0: no wake-all within 1 s of enabling async PF\n");
 	}
 	sched_init_cpu(&cpus[0]);
@@ -170,6 +172,8 @@ __noreturn void main(u32 start_info_paddr)
 	if (n != mp_cpus.count)
 		fail(EXIT_AP_TIMEOUT, "%u of %u cpus online", n, mp_cpus.count);
 	kprintf("apfvm-ref: all %u cpus up\n", n);
+	for (u32 i = 0; i < n; i++)
+		wl.apf = wl.apf && cpus[i].apf_on;	/* hostile=apf-outside-ram leaves it off */
 	if (wl.enabled)
 		workload_run();
 	boot_report(n, opt.exit_code, opt.hold);

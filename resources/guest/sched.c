@@ -254,7 +254,9 @@ void watchdog_start(void)
 {
 	/* KVM's APIC timer counts at 1 GHz; elsewhere the period just differs. */
 	wrmsr(MSR_X2APIC_TIMER_DIV, APIC_TIMER_DIV_1);
-	wrmsr(MSR_X2APIC_LVT_TIMER, APIC_LVT_PERIODIC | VEC_TIMER);
+	/* hostile=no-eoi leaves 0xec in service, which holds back VEC_TIMER (same class). */
+	wrmsr(MSR_X2APIC_LVT_TIMER, APIC_LVT_PERIODIC |
+	      (hostile.mode == HOSTILE_NO_EOI ? VEC_TIMER_HIGH : VEC_TIMER));
 	wrmsr(MSR_X2APIC_TIMER_INIT, 100000000);
 }
 

@@ -107,7 +107,7 @@ __noreturn void ap_main(u64 stack_top)
 	kprintf("apfvm-ref: cpu %u apic %u long mode\n", c->index, c->apic_id);
 	if (wl.apf) {
 		apf_enable(c);
-		if (!apf_wait_wakeall(c, 0, 1000000))
+		if (c->apf_on && !apf_wait_wakeall(c, 0, 1000000))
 			kprintf("apfvm-ref: cpu%u: no wake-all within 1 s of enabling async PF\n",
 				c->index);
 	}

@@ -166,6 +166,8 @@ __noreturn void boot_report(u32 n, u32 code, bool hold)
 		wakealls += cpus[i].st.wakealls;
 	kprintf("apfvm-ref: apf=%u wakealls=%lu tsc_khz=%lu source=%s\n", wl.apf, wakealls,
 		tsc_khz, tsc_source);
+	if (hostile.mode)
+		hostile_report(n);
 	kprintf("APFVM-RESULT {\"verdict\":\"pass\",\"cpus\":%u}\n", n);
 	if (hold) {
 		/* Only the VMM (a signal to it) ends the VM now. */
@@ -280,6 +282,8 @@ __noreturn void workload_finish(u32 forced_code, const char *forced_reason)
 	kprintf("apfvm-ref: elapsed_ms=%lu max_touch_us=%lu\n", elapsed / tsc_khz,
 		max_touch * 1000 / tsc_khz);
 
+	if (hostile.mode)
+		hostile_report(wl.cpus);
 	console_lock();
 	if (reason[0])
 		kprintf_locked("apfvm-ref: error: %s\n", reason);

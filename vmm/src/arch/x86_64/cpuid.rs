@@ -125,10 +125,13 @@ pub fn parse_feature_edits(list: &str) -> Result<Vec<FeatureEdit>, CpuidError> {
             edits.extend(parse_feature_edits(expansion)?);
             continue;
         }
-        let (enable, name) = match item.split_at(1) {
-            ("+", rest) => (true, rest),
-            ("-", rest) => (false, rest),
-            _ => return Err(CpuidError::MissingSign(item.to_string())),
+        // Not split_at(1): the first character may take more than one byte.
+        let (enable, name) = if let Some(rest) = item.strip_prefix('+') {
+            (true, rest)
+        } else if let Some(rest) = item.strip_prefix('-') {
+            (false, rest)
+        } else {
+            return Err(CpuidError::MissingSign(item.to_string()));
         };
         let (name, bit) = FEATURES
             .iter()
@@ -296,6 +299,14 @@ pub(crate) mod tests {
         let core = find_entry(&c, 0xb, 1).unwrap();
         assert_eq!((smt.edx, smt.ebx, smt.ecx >> 8), (1, 1, 1));
         assert_eq!((core.eax, core.ebx, core.ecx >> 8), (1, 2, 2));
+    }
+
+    /// Found by the `config` fuzz target: a first character of more than one byte.
+    #[test]
+    fn a_feature_edit_without_a_sign_is_an_error_whatever_its_first_character() {
+        for item in ["\u{28a}lt_s", "xsave", "\u{e9}", "+\u{28a}"] {
+            assert!(parse_feature_edits(item).is_err(), "{item}");
+        }
     }
 
     #[test]

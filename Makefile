@@ -1,0 +1,21 @@
+# Longer-running checks that are not part of `cargo test --workspace`.
+FUZZ_TARGETS := kernel_image config devices
+
+.PHONY: soak fuzz-short fuzz-long
+
+soak:
+	cargo soak
+
+fuzz-short:
+	$(MAKE) fuzz SECONDS=60
+
+fuzz-long:
+	$(MAKE) fuzz SECONDS=3600
+
+fuzz:
+	# New inputs go to fuzz/work/<target> (ignored by git); corpus/<target> is read only.
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p work/$$t && \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t work/$$t corpus/$$t -- -max_total_time=$(SECONDS) \
+			|| exit 1; \
+	done

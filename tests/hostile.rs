@@ -1,0 +1,248 @@
+//! Hostile guests: the reference guest abuses the async PF ABI on purpose (`hostile=<mode>`,
+//! resources/guest/README.md) while it pages through apfvm's uffd pager. apfvm must keep
+//! working or stop with a clear error and a non-zero exit: never hang, never panic.
+
+mod common;
+
+use std::process::Child;
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The apfvm flags of every case: 2 vCPUs whose user-mode touches of the paged region take
+/// 5 ms each, so faults are pending whenever the guest misbehaves.
+fn args(guest_cmdline: &str) -> Vec<&str> {
+    vec![
+        "demo",
+        "--vcpus",
+        "2",
+        "--mem",
+        "128M",
+        "--pager",
+        "uffd",
+        "--fault-latency",
+        "5ms",
+        "--cmdline",
+        guest_cmdline,
+    ]
+}
+
+/// The guest's `apfvm-ref: hostile {json}` line: what it did to KVM.
+fn hostile_report(run: &Run) -> serde_json::Value {
+    let line = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("apfvm-ref: hostile {"))
+        .unwrap_or_else(|| panic!("no hostile report line: {}", run.describe()));
+    serde_json::from_str(&format!("{{{line}")).expect("hostile report is JSON")
+}
+
+/// apfvm ended by itself (not by the test's limit, which `wait` enforces), without a panic.
+fn assert_no_panic(run: &Run) {
+    assert!(
+        !run.stderr.contains("panicked"),
+        "apfvm panicked: {}",
+        run.describe()
+    );
+}
+
+/// Whatever the verdict, the guest's checks of what it did see must hold: no wrong byte, no
+/// wrong or duplicate token.
+fn assert_data_and_tokens_intact(r: &serde_json::Value, run: &Run) {
+    for key in ["bad_bytes", "wrong_tokens", "dup_wakes", "dummies_left"] {
+        assert_eq!(field(r, key), 0, "{key}: {}", run.describe());
+    }
+}
+
+/// Runs a guest that has to finish by itself; returns (run, guest result, hostile report).
+fn run_guest(guest_cmdline: &str) -> Option<(Run, serde_json::Value, serde_json::Value)> {
+    if !kvm_available() {
+        return None;
+    }
+    let _one_at_a_time = exclusive();
+    let run = apfvm(&args(guest_cmdline), LIMIT);
+    assert_no_panic(&run);
+    let result = guest_result(&run);
+    let report = hostile_report(&run);
+    assert_data_and_tokens_intact(&result, &run);
+    Some((run, result, report))
+}
+
+/// Spawns a guest that will not finish by itself, lets it misbehave for `after`, then stops
+/// apfvm with SIGTERM: it must exit 143 promptly.
+fn stop_with_sigterm(guest_cmdline: &str, after: Duration) {
+    if !kvm_available() {
+        return;
+    }
+    let _one_at_a_time = exclusive();
+    let child: Child = spawn(&args(guest_cmdline));
+    std::thread::sleep(after);
+    // SAFETY: plain kill(2) of our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let run = wait(child, after + Duration::from_secs(15));
+    assert_no_panic(&run);
+    assert_eq!(run.code(), Some(143), "{}", run.describe());
+    assert!(
+        run.elapsed < after + Duration::from_secs(5),
+        "apfvm took {:?} to stop after SIGTERM: {}",
+        run.elapsed - after,
+        run.describe()
+    );
+    assert!(
+        run.stderr.contains("apfvm: pager: "),
+        "the pager summary is still written: {}",
+        run.describe()
+    );
+}
+
+/// Case 1: every CPU writes MSR_KVM_ASYNC_PF_EN with an area 64 GiB up (far outside the
+/// 128 MiB of RAM), with reserved bits 5:4, unaligned, and above MAXPHYADDR, and leaves the
+/// outside-RAM value in place. KVM refuses them all with #GP (the guest's wrmsr_safe catches
+/// it) yet keeps the last value; the paging workload still completes, without async PF.
+#[test]
+fn apf_area_outside_ram_is_refused_and_paging_still_completes() {
+    let cmdline = "hostile=apf-outside-ram pages=256 touchers=2 busy=1 timeout_s=60";
+    let Some((run, r, h)) = run_guest(cmdline) else {
+        return;
+    };
+    assert_eq!(r["verdict"], "pass", "{}", run.describe());
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    assert_eq!(
+        field(&h, "wrmsr_tried"),
+        10,
+        "5 bad values on each of 2 CPUs: {h}"
+    );
+    assert_eq!(
+        field(&h, "wrmsr_gp"),
+        field(&h, "wrmsr_tried"),
+        "KVM refuses every bad value with #GP: {}",
+        run.describe()
+    );
+    assert_eq!(
+        field(&h, "apf_en_readback"),
+        0xf_ff00_0009,
+        "KVM keeps the refused outside-RAM value as the MSR's value: {h}"
+    );
+    assert_eq!(field(&r, "apf"), 0, "{r}");
+    assert_eq!(
+        field(&r, "pfaults"),
+        0,
+        "no page-not-present without a usable area: {r}"
+    );
+    assert_eq!(field(&r, "pages_touched"), 256, "{r}");
+    let pager = pager_summary(&run);
+    assert!(
+        field(&pager, "faults_async") + field(&pager, "faults_sync") >= 256,
+        "every page was served: {pager}"
+    );
+}
+
+/// Case 2: page-readys are EOI'd but never acknowledged (MSR_KVM_ASYNC_PF_ACK). KVM then
+/// delivers the next page-ready only when another completion comes in, so once every
+/// toucher is parked the remaining completions stay queued: the guest's watchdog reports
+/// the stuck tasks and apfvm exits with the guest's code 9. (Should every completion still
+/// get through, the run simply passes.)
+#[test]
+fn page_ready_never_acknowledged_ends_with_the_guest_watchdog() {
+    let cmdline = "hostile=no-ack pages=512 touchers=2 busy=1 timeout_s=15";
+    let Some((run, r, h)) = run_guest(cmdline) else {
+        return;
+    };
+    assert!(field(&h, "acks_skipped") > 0, "{h}");
+    assert!(field(&r, "pfaults") > 0, "{r}");
+    if r["verdict"] == "pass" {
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert_eq!(field(&r, "pages_touched"), 512, "{r}");
+        return;
+    }
+    assert_eq!(run.code(), Some(9), "{}", run.describe());
+    assert!(
+        r["reason"].as_str().unwrap_or("").starts_with("watchdog"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        field(&r, "parked_at_exit") > 0,
+        "the watchdog found tasks parked on completions KVM never delivered: {r}"
+    );
+    assert!(field(&r, "completions") < field(&r, "pfaults"), "{r}");
+    assert!(
+        run.elapsed < Duration::from_secs(60),
+        "the 15 s guest watchdog ended the run: {}",
+        run.describe()
+    );
+}
+
+/// Case 2, worse: page-readys are neither acknowledged nor EOI'd, so the LAPIC holds back
+/// every later one and the guest never finishes its workload (its watchdog runs on a higher
+/// vector but is set to 10 minutes here). apfvm, stopped by SIGTERM, exits 143 at once.
+#[test]
+fn page_ready_never_eoid_guest_is_stopped_by_sigterm() {
+    let cmdline = "hostile=no-eoi pages=512 touchers=2 busy=1 timeout_s=600";
+    stop_with_sigterm(cmdline, Duration::from_secs(10));
+}
+
+/// Case 3: 10,000 disable + enable pairs of MSR_KVM_ASYNC_PF_EN, in bursts of 100 right
+/// after a task was parked on a pending fault. Disabling drops that fault's completion;
+/// the wake-all KVM queues on enabling wakes the task, which touches the page again. Every
+/// byte and token checks out.
+#[test]
+fn toggling_async_pf_10000_times_with_faults_pending_keeps_data() {
+    let cmdline = "hostile=toggle toggles=10000 toggle_burst=100 pages=512 touchers=2 busy=1";
+    let Some((run, r, h)) = run_guest(cmdline) else {
+        return;
+    };
+    assert_eq!(r["verdict"], "pass", "{}", run.describe());
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    assert_eq!(field(&h, "toggles"), 10_000, "{h}");
+    assert_eq!(field(&r, "pages_touched"), 512, "{r}");
+    assert_eq!(field(&r, "parked_at_exit"), 0, "{r}");
+    assert!(
+        field(&r, "pfaults") - field(&r, "completions") >= 100,
+        "each of the 100 bursts dropped its parked fault's completion: {r}"
+    );
+    assert!(
+        field(&r, "wakealls") > 2,
+        "wake-alls after the toggles, not only the 2 at boot: {r}"
+    );
+}
+
+/// Case 4: each vCPU, with a task parked on a pending fault, spins 3 s with IF=0 (CPU 1 at
+/// its 33rd fault, so the other keeps faulting meanwhile), then goes on: the page-ready
+/// waits in the LAPIC until STI, nothing is lost.
+#[test]
+fn vcpu_spinning_with_interrupts_off_while_faults_pend_loses_nothing() {
+    let cmdline = "hostile=cli-spin spin_ms=3000 pages=512 touchers=2 busy=1";
+    let Some((run, r, h)) = run_guest(cmdline) else {
+        return;
+    };
+    assert_eq!(r["verdict"], "pass", "{}", run.describe());
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    assert_eq!(field(&h, "spins"), 2, "{h}");
+    assert!(field(&h, "spin_ms") >= 6000, "{h}");
+    assert!(field(&h, "parked_during_spin") >= 2, "{h}");
+    assert!(
+        field(&h, "others_completed_during_spin") > 0,
+        "the other vCPU kept completing faults during a spin: {h}"
+    );
+    assert_eq!(field(&r, "pages_touched"), 512, "{r}");
+    assert_eq!(
+        field(&r, "completions"),
+        field(&r, "pfaults"),
+        "every parked fault completed: {r}"
+    );
+    assert!(
+        field(&r, "max_parked_cycles") >= 3 * 1000 * field(&r, "tsc_khz"),
+        "a task stayed parked through a 3 s spin: {r}"
+    );
+}
+
+/// Case 4, stopped: a 100 s spin with IF=0 in guest kernel mode (emulated on PVM hosts)
+/// must not keep apfvm from stopping on SIGTERM.
+#[test]
+fn vcpu_spinning_with_interrupts_off_is_stopped_by_sigterm() {
+    let cmdline = "hostile=cli-spin spin_ms=100000 pages=512 touchers=2 busy=1 timeout_s=600";
+    stop_with_sigterm(cmdline, Duration::from_secs(8));
+}
