@@ -179,6 +179,89 @@ fn sigterm_stops_the_vm_with_exit_code_143() {
     assert_eq!(run.code(), Some(143), "{}", run.describe());
 }
 
+/// Once the VM runs, every apfvm thread is under its seccomp filter with no-new-privileges,
+/// and apfvm holds no descriptor it inherited nor /dev/kvm itself; with --no-seccomp none is.
+#[test]
+fn running_vm_is_confined_and_holds_only_its_own_descriptors() {
+    if !kvm_available() {
+        return;
+    }
+    // A descriptor the child inherits (dup() clears close-on-exec), of a file it would
+    // never open itself.
+    let inherited = std::fs::File::open(APFVM).unwrap();
+    // SAFETY: dup of a descriptor we own; the copy is closed below.
+    let leaked = unsafe { libc::dup(std::os::fd::AsRawFd::as_raw_fd(&inherited)) };
+    assert!(leaked > 2);
+    for (flags, confined) in [(&[][..], true), (&["--no-seccomp"][..], false)] {
+        let mut args = vec![
+            "demo",
+            "--vcpus",
+            "2",
+            "--pager",
+            "uffd",
+            "--cmdline",
+            "hold",
+        ];
+        args.extend_from_slice(flags);
+        let child = spawn(&args);
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(1500));
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let target = std::fs::read_link(e.path()).unwrap_or_default();
+                format!(
+                    "{} -> {}",
+                    e.file_name().to_string_lossy(),
+                    target.display()
+                )
+            })
+            .collect();
+        let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| {
+                let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                (name.trim().to_string(), status)
+            })
+            .collect();
+        // SAFETY: plain kill(2) of our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let run = wait(child, Duration::from_secs(10));
+        assert_eq!(run.code(), Some(143), "{}", run.describe());
+        assert!(
+            !fds.iter()
+                .any(|f| f.ends_with(APFVM) || f.ends_with("/dev/kvm")),
+            "{fds:?}"
+        );
+        let apfvm_threads: Vec<_> = threads
+            .iter()
+            .filter(|(name, _)| {
+                ["apfvm", "vcpu", "pager"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+            })
+            .collect();
+        assert!(apfvm_threads.len() >= 5, "{threads:?}");
+        for (name, status) in apfvm_threads {
+            let line = |key: &str| status.lines().find(|l| l.starts_with(key)).unwrap_or("");
+            let (seccomp, nnp) = (line("Seccomp:"), line("NoNewPrivs:"));
+            if confined {
+                assert!(
+                    seccomp.ends_with('2') && nnp.ends_with('1'),
+                    "{name}: {seccomp} {nnp}"
+                );
+            } else {
+                assert!(seccomp.ends_with('0'), "{name}: {seccomp}");
+            }
+        }
+    }
+    // SAFETY: closing the duplicate made above.
+    unsafe { libc::close(leaked) };
+}
+
 fn assert_clear_error(args: &[&str], code: i32, needle: &str) {
     let run = apfvm(args, Duration::from_secs(20));
     assert_eq!(run.code(), Some(code), "{args:?}: {}", run.describe());

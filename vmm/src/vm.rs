@@ -550,6 +550,8 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     memory::register_with_kvm(&vm, &mem)?;
     let kernel = load_guest(&mem, config)?;
     let vcpus = create_vcpus(&kvm, &vm, &mem, config, &kernel)?;
+    // /dev/kvm itself is not needed once the VM and its vCPUs exist.
+    drop(kvm);
 
     // Paging starts once the VMM has written all it writes into guest memory.
     let pager = start_pager(&mem, config, &stop)?;
