@@ -104,6 +104,17 @@ pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(build)?;
     rules.insert(libc::SYS_prctl, vec![get_name]);
+    // Dropping an owned descriptor in a debug build first checks it is open (std's
+    // debug_assert_fd_is_open): fcntl(F_GETFD) only.
+    let fd_is_open = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(build)?;
+    rules.insert(libc::SYS_fcntl, vec![fd_is_open]);
     let ioctl_types = ioctl_types(kind);
     if !ioctl_types.is_empty() {
         // ioctl only for the request types this kind uses: bits 8-15 of the request number.
@@ -285,6 +296,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
@@ -336,6 +348,8 @@ mod tests {
                 {
                     libc::_exit(3);
                 }
+                // Dropping an owned descriptor goes through (debug builds check it first).
+                drop(std::os::fd::OwnedFd::from_raw_fd(pipe[0]));
                 libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 libc::_exit(0);
             }
