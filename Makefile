@@ -1,5 +1,5 @@
 # Longer-running checks that are not part of `cargo test --workspace`.
-FUZZ_TARGETS := kernel_image config devices
+FUZZ_TARGETS := kernel_image config devices apf_msrs
 
 .PHONY: soak fuzz-short fuzz-long
 
@@ -16,6 +16,6 @@ fuzz:
 	# New inputs go to fuzz/work/<target> (ignored by git); corpus/<target> is read only.
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		mkdir -p work/$$t && \
-		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t work/$$t corpus/$$t -- -max_total_time=$(SECONDS) \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t work/$$t corpus/$$t -- -max_total_time=$(SECONDS) -timeout=60 -close_fd_mask=1 \
 			|| exit 1; \
 	done

@@ -71,10 +71,10 @@ fn run_guest(guest_cmdline: &str) -> Option<(Run, serde_json::Value, serde_json:
 }
 
 /// Spawns a guest that will not finish by itself, lets it misbehave for `after`, then stops
-/// apfvm with SIGTERM: it must exit 143 promptly.
-fn stop_with_sigterm(guest_cmdline: &str, after: Duration) {
+/// apfvm with SIGTERM: it must exit 143 promptly. Returns the run.
+fn stop_with_sigterm(guest_cmdline: &str, after: Duration) -> Option<Run> {
     if !kvm_available() {
-        return;
+        return None;
     }
     let _one_at_a_time = exclusive();
     let child: Child = spawn(&args(guest_cmdline));
@@ -91,10 +91,11 @@ fn stop_with_sigterm(guest_cmdline: &str, after: Duration) {
         run.describe()
     );
     assert!(
-        run.stderr.contains("apfvm: pager: "),
+        run.stderr.contains(vmm::vm::PAGER_SUMMARY),
         "the pager summary is still written: {}",
         run.describe()
     );
+    Some(run)
 }
 
 /// Case 1: every CPU writes MSR_KVM_ASYNC_PF_EN with an area 64 GiB up (far outside the
@@ -245,4 +246,71 @@ fn vcpu_spinning_with_interrupts_off_while_faults_pend_loses_nothing() {
 fn vcpu_spinning_with_interrupts_off_is_stopped_by_sigterm() {
     let cmdline = "hostile=cli-spin spin_ms=100000 pages=512 touchers=2 busy=1 timeout_s=600";
     stop_with_sigterm(cmdline, Duration::from_secs(8));
+}
+
+/// Case 5, the fuzz target's seeds (fuzz/corpus/apf_msrs: outside-RAM and reserved-bit
+/// areas, vectors below 32, moved areas, enable/disable loops, ACK floods): the guest writes
+/// the async PF MSRs with those values while faults are pending (`hostile=msr-script`,
+/// exactly as the `apf_msrs` fuzz target runs them). Whatever KVM makes of each write, the
+/// workload finishes with every byte intact and no task left parked, and apfvm exits 0.
+#[test]
+fn async_pf_msr_writes_of_the_fuzz_seeds_keep_data_and_finish() {
+    if !kvm_available() {
+        return;
+    }
+    let corpus = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/apf_msrs"
+    ));
+    let mut seeds: Vec<_> = std::fs::read_dir(corpus)
+        .expect("the apf_msrs seed corpus")
+        .map(|e| e.unwrap().path())
+        .collect();
+    seeds.sort();
+    assert!(seeds.len() >= 5, "{seeds:?}");
+    let _one_at_a_time = exclusive();
+    for seed in seeds {
+        let script = std::fs::read(&seed).unwrap();
+        let cmdline = vmm::reference_guest::msr_script_cmdline(&script).unwrap();
+        let mut args = vec!["demo"];
+        args.extend_from_slice(&vmm::reference_guest::MSR_SCRIPT_FLAGS);
+        args.extend_from_slice(&["--cmdline", &cmdline]);
+        let run = apfvm(&args, LIMIT);
+        let name = seed.file_name().unwrap().to_string_lossy().into_owned();
+        assert_no_panic(&run);
+        let r = guest_result(&run);
+        let h = hostile_report(&run);
+        assert_eq!(r["verdict"], "pass", "{name}: {}", run.describe());
+        assert_eq!(run.code(), Some(0), "{name}: {}", run.describe());
+        assert_eq!(field(&r, "bad_bytes"), 0, "{name}: {r}");
+        assert_eq!(field(&r, "pages_touched"), 128, "{name}: {r}");
+        assert_eq!(field(&r, "parked_at_exit"), 0, "{name}: {r}");
+        let writes = (script.len() / vmm::reference_guest::MSR_WRITE_BYTES)
+            .min(vmm::reference_guest::MAX_MSR_WRITES) as u64;
+        assert_eq!(field(&h, "msr_ops"), writes, "{name}: {h}");
+        assert!(field(&h, "msr_writes") > 0, "{name}: {h}");
+        eprintln!("{name}: {h}");
+    }
+}
+
+/// Case 5, stopped: an enable with an area outside RAM, refused by KVM while a fault is
+/// pending and then left in place (`msr_refused=keep`), leaves KVM's MSR enabled on an area it
+/// cannot write: that fault's completion can never be delivered, and once the page is evicted
+/// (between the two passes) the next touch makes KVM retry it forever inside KVM_RUN, a
+/// livelock of that vCPU found by the `apf_msrs` fuzz target. The guest never finishes (the
+/// same script without `msr_refused=keep` does: the seed outside-ram.bin above); apfvm must
+/// still stop on SIGTERM.
+#[test]
+fn vcpu_livelocked_inside_kvm_run_is_stopped_by_sigterm() {
+    let script: Vec<u8> = [0x01u8, 0, 0, 0, 0x0f, 0xff, 0, 0, 0x09].repeat(2);
+    let cmdline = vmm::reference_guest::msr_script_cmdline(&script).unwrap();
+    let cmdline = format!("{cmdline} msr_refused=keep timeout_s=600");
+    let Some(run) = stop_with_sigterm(&cmdline, Duration::from_secs(8)) else {
+        return;
+    };
+    assert!(
+        !run.stdout.contains("APFVM-RESULT"),
+        "the livelocked guest cannot have finished: {}",
+        run.describe()
+    );
 }

@@ -104,6 +104,86 @@ fn metrics_file_has_interval_lines_and_a_consistent_final_summary() {
     );
 }
 
+/// `--kvm-trace` (root: KVM's tracepoints) tells, per vCPU, the faults the guest was told
+/// about from the ones KVM waited out by halting the vCPU, and times those halts. With async
+/// PF on, every page-not-present the guest counted was delivered; with it off, every async
+/// fault is an APF halt that lasted at least the 2 ms fetch.
+#[test]
+fn kvm_trace_tells_delivered_pfaults_from_timed_apf_halts() {
+    if !kvm_available() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: --kvm-trace needs root (tracefs)");
+        return;
+    }
+    let _one_at_a_time = exclusive();
+    for apf in ["on", "off"] {
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let path = file.as_path().to_str().unwrap();
+        let run = apfvm(
+            &[
+                "demo",
+                "--pager",
+                "uffd",
+                "--fault-latency",
+                "2ms",
+                "--apf",
+                apf,
+                "--kvm-trace",
+                "--metrics-file",
+                path,
+                "--cmdline",
+                "pages=64 touchers=2 busy=1",
+            ],
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let guest = guest_result(&run);
+        let text = std::fs::read_to_string(path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let trace = &last["kvm_trace"];
+        let vcpu = &last["vcpus"][0];
+        let context = format!("apf {apf}: {last}\n{guest}");
+        let ms = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap();
+        assert_eq!(
+            field(&trace["vcpus"][0], "async_faults"),
+            field(trace, "async_faults")
+        );
+        assert!(field(trace, "async_faults") >= 64, "{context}");
+        if apf == "on" {
+            assert_eq!(
+                field(trace, "pfaults_delivered"),
+                field(&guest, "pfaults"),
+                "{context}"
+            );
+            assert!(field(trace, "apf_halts") <= 4, "{context}");
+        } else {
+            assert_eq!(field(trace, "pfaults_delivered"), 0, "{context}");
+            assert_eq!(
+                field(trace, "apf_halts"),
+                field(trace, "async_faults"),
+                "{context}"
+            );
+            assert!(
+                ms(vcpu, "apf_halt_ms") >= 2.0 * field(trace, "apf_halts") as f64,
+                "each halt lasts at least the 2 ms fetch: {context}"
+            );
+        }
+        assert_eq!(
+            field(vcpu, "apf_halts"),
+            field(trace, "apf_halts"),
+            "{context}"
+        );
+        assert!(
+            ms(vcpu, "host_fault_stall_ms")
+                >= ms(vcpu, "apf_halt_ms") + ms(vcpu, "sync_fault_stall_ms") - 1e-6,
+            "{context}"
+        );
+    }
+}
+
 /// `apfvm bench` runs its cases on the real guest and writes a JSON report and an SVG chart
 /// a user can read: every case present, the baseline at ratio 1, async PF delivered only
 /// in the apf-on case, and the floor measured in the same run.

@@ -50,6 +50,9 @@ void apf_enable(struct cpu *c)
 	}
 	c->apf.flags = 0;
 	c->apf.token = 0;
+	c->apf_area = &c->apf;
+	c->apf_vector = VEC_APF_READY;
+	c->apf_dirty = 0;
 	wrmsr(MSR_KVM_ASYNC_PF_INT, VEC_APF_READY);
 	if (unlikely(hostile.mode == HOSTILE_APF_OUTSIDE_RAM)) {
 		hostile_apf_enable(c);	/* bad values instead; leaves apf_on 0 */
@@ -200,10 +203,11 @@ void pf_handler(struct kframe *f)
 	/* GS base is not set yet this early on an AP: no async PF possible then. */
 	if (unlikely((uintptr_t)c - (uintptr_t)cpus >= sizeof(cpus)))
 		bad_pf(f, NULL, 0);
-	u32 flags = c->apf.flags;
+	struct apf_area *area = c->apf_area;
+	u32 flags = area->flags;
 	if (likely(flags == KVM_PV_REASON_PAGE_NOT_PRESENT && (f->cs & 3))) {
 		u32 token = (u32)read_cr2();
-		c->apf.flags = 0;
+		area->flags = 0;
 		apf_not_present(c, token);
 		return;
 	}
@@ -234,6 +238,10 @@ static __attribute__((noinline)) void apf_wake_slow(struct cpu *c, u32 token, st
 	}
 	/* No sleeper: the page-not-present has not been handled yet. */
 	n = c->dummy_free;
+	if (!n && hostile_lenient_tokens()) {
+		c->hst.dummies_dropped++;
+		return;
+	}
 	if (!n)
 		fail(EXIT_BAD_TOKENS, "cpu %u: more than %u dummy entries (page-ready tokens "
 		     "without a page-not-present)", c->index, APF_DUMMY_POOL);
@@ -289,7 +297,8 @@ u32 apf_wake_all_parked(struct cpu *c)
 void apf_ready_handler(struct kframe *f)
 {
 	struct cpu *c = this_cpu();
-	u32 token = c->apf.token;
+	struct apf_area *area = c->apf_area;
+	u32 token = area->token;
 
 	if (likely(token != APF_WAKE_ALL && token != 0)) {
 		apf_wake(c, token);
@@ -301,7 +310,7 @@ void apf_ready_handler(struct kframe *f)
 	} else {
 		c->st.zero_tokens++;
 	}
-	c->apf.token = 0;
+	area->token = 0;
 	skip_idle_hlt(c, f);
 	if (likely(!hostile.mode)) {
 		apic_eoi();

@@ -34,6 +34,8 @@ void cpu_init(struct cpu *c, u32 index, u32 apic_id)
 	c->self = c;
 	c->index = index;
 	c->apic_id = apic_id;
+	c->apf_area = &c->apf;
+	c->apf_vector = VEC_APF_READY;
 	wrmsr(MSR_GS_BASE, (u64)(uintptr_t)c);
 
 	c->tss.ist[0] = (u64)(uintptr_t)&ist_stacks[index][IST_STACK_SIZE];

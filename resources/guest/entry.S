@@ -179,6 +179,7 @@ isr_common:
 	FAST_ENTRY pf_entry, VEC_PF, pf_handler, 1
 	FAST_ENTRY ud_entry, VEC_UD, ud_handler, 0
 	FAST_ENTRY apf_ready_entry, VEC_APF_READY, apf_ready_handler, 0
+	FAST_ENTRY apf_ready_alt_entry, VEC_APF_READY_ALT, apf_ready_handler, 0
 	FAST_ENTRY ipi_entry, VEC_IPI, ipi_handler, 0
 	FAST_ENTRY timer_entry, VEC_TIMER, timer_handler, 0
 

@@ -55,6 +55,7 @@
 #define MSR_KVM_ASYNC_PF_INT	0x4b564d06
 #define MSR_KVM_ASYNC_PF_ACK	0x4b564d07
 #define KVM_ASYNC_PF_ENABLED	(1 << 0)
+#define KVM_ASYNC_PF_SEND_ALWAYS (1 << 1)
 #define KVM_ASYNC_PF_DELIVERY_AS_INT (1 << 3)
 #define KVM_PV_REASON_PAGE_NOT_PRESENT 1
 #define KVM_FEATURE_CLOCKSOURCE2 3
@@ -98,6 +99,7 @@
 #define VEC_GP			13	/* #GP: wrmsr_safe() turns it into an error return */
 #define VEC_PF			14	/* #PF: also async PF "page not present" */
 #define VEC_APF_READY		0xec	/* async PF "page ready" (MSR_KVM_ASYNC_PF_INT) */
+#define VEC_APF_READY_ALT	0xe0	/* a second page-ready vector (hostile=msr-script) */
 #define VEC_TIMER		0xef	/* BSP's LAPIC timer: watchdog only, never preempts */
 #define VEC_TIMER_HIGH		0xfe	/* the watchdog with hostile=no-eoi (above 0xec's class) */
 #define VEC_IPI			0xf0	/* reschedule: migrated tasks arrived / go offline */
@@ -389,6 +391,12 @@ struct hostile_stats {
 	u64 spin_cycles;
 	u64 parked_during_spin;	/* cli-spin: tasks parked on this CPU while it spun */
 	u64 others_completed_during_spin;	/* cli-spin: completions other CPUs took meanwhile */
+	u64 msr_writes;		/* msr-script: script writes done on this CPU */
+	u64 msr_gp;		/* ... of which KVM refused with #GP */
+	u64 int_reverted;	/* msr-script: accepted page-ready vectors < 32 we put back */
+	u64 self_wakes;		/* msr-script: tasks woken by the guest after async PF went off */
+	u64 restores;		/* msr-script: proper async PF set up again from idle */
+	u64 dummies_dropped;	/* msr-script: page-readys with no sleeper and no dummy left */
 };
 
 enum task_kind { TASK_IDLE, TASK_TOUCHER, TASK_BUSY, TASK_CONTROLLER };
@@ -449,6 +457,13 @@ struct cpu {
 
 	/* async PF (apf.c) */
 	struct apf_area apf;
+	/*
+	 * The area KVM writes now: &apf, except with hostile=msr-script, whose
+	 * writes move it (or turn async PF off: then a zero area nobody writes).
+	 */
+	struct apf_area *apf_area;
+	u32 apf_vector;		/* the page-ready vector KVM uses now */
+	u32 apf_dirty;		/* msr-script changed the set-up apf_enable() made */
 	struct apf_node *hash[APF_HASH_SIZE];
 	struct apf_node *dummy_free;
 	u32 dummies_live;
@@ -512,6 +527,7 @@ extern const u8 fast_exit[];
 void pf_entry(void);
 void ud_entry(void);
 void apf_ready_entry(void);
+void apf_ready_alt_entry(void);
 void ipi_entry(void);
 void timer_entry(void);
 
@@ -549,6 +565,14 @@ enum hostile_mode {
 	HOSTILE_NO_EOI,			/* page-ready: neither EOI nor ACK */
 	HOSTILE_TOGGLE,			/* disable + enable async PF `toggles` times with tasks parked */
 	HOSTILE_CLI_SPIN,		/* spin with IF=0 for spin_ms with a task parked */
+	HOSTILE_MSR_SCRIPT,		/* the async PF MSR writes of msr_ops= (fuzzing) */
+};
+
+/* msr-script: one write; kind % 3 picks the MSR (INT, EN, ACK). */
+#define MAX_MSR_OPS		128
+struct msr_op {
+	u8 kind;
+	u64 val;
 };
 
 struct hostile {
@@ -557,6 +581,10 @@ struct hostile {
 	u32 toggle_burst;	/* toggle: pairs per page-not-present */
 	u32 spin_ms;		/* cli-spin */
 	volatile u32 toggles_claimed;
+	bool msr_keep_refused;	/* msr-script: no EN = 0 after a refused EN write */
+	u32 msr_nops;		/* msr-script: writes in msr_ops */
+	volatile u32 msr_next;	/* ... the next one to do, over all CPUs */
+	struct msr_op msr_ops[MAX_MSR_OPS];
 };
 extern struct hostile hostile;
 
@@ -564,6 +592,9 @@ bool hostile_parse_word(const char *word, size_t len);
 void hostile_apf_enable(struct cpu *c);
 void hostile_ready_ack(struct cpu *c);
 void hostile_parked(struct cpu *c);
+void hostile_yield(struct cpu *c);
+void hostile_idle(struct cpu *c);
+bool hostile_lenient_tokens(void);
 void hostile_report(u32 cpus);
 int wrmsr_safe(u32 msr, u64 val);	/* entry.S: 0, or 1 if the wrmsr raised #GP */
 extern const u8 wrmsr_safe_insn[], wrmsr_safe_gp[];

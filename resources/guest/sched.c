@@ -222,6 +222,11 @@ __noreturn void idle_loop(struct cpu *c)
 			switch_task(c, &c->idle, t);
 			continue;
 		}
+		if (unlikely(hostile.mode)) {
+			hostile_idle(c);
+			if (c->rq_head)
+				continue;
+		}
 		/*
 		 * STI's one-instruction shadow should keep interrupts out until HLT
 		 * runs; handlers also skip the HLT if one came in anyway (idle_hlt).
@@ -348,6 +353,8 @@ void ud_handler(struct kframe *f)
 
 	switch (f->rax) {
 	case SYS_YIELD:
+		if (unlikely(hostile.mode))
+			hostile_yield(c);
 		if (c->rq_head || c->offline_req) {
 			runq_add(c, t);
 			schedule(c, t);

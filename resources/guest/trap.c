@@ -48,6 +48,7 @@ void idt_init(void)
 	idt_set_gate(VEC_UD, (u64)(uintptr_t)ud_entry, 0);
 	idt_set_gate(VEC_PF, (u64)(uintptr_t)pf_entry, 0);
 	idt_set_gate(VEC_APF_READY, (u64)(uintptr_t)apf_ready_entry, 0);
+	idt_set_gate(VEC_APF_READY_ALT, (u64)(uintptr_t)apf_ready_alt_entry, 0);
 	idt_set_gate(VEC_TIMER, (u64)(uintptr_t)timer_entry, 0);
 	idt_set_gate(VEC_TIMER_HIGH, (u64)(uintptr_t)timer_entry, 0);
 	idt_set_gate(VEC_IPI, (u64)(uintptr_t)ipi_entry, 0);

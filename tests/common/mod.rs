@@ -113,22 +113,14 @@ pub fn debian_kernel() -> (PathBuf, PathBuf) {
 
 /// The pager's summary line (`apfvm: pager: {json}`) as JSON.
 pub fn pager_summary(run: &Run) -> serde_json::Value {
-    let line = run
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("apfvm: pager: "))
-        .unwrap_or_else(|| panic!("no pager summary: {}", run.describe()));
-    serde_json::from_str(line).expect("pager summary is JSON")
+    vmm::vm::pager_summary(&run.stderr)
+        .unwrap_or_else(|| panic!("no pager summary: {}", run.describe()))
 }
 
 /// The guest's `APFVM-RESULT {json}` line as JSON.
 pub fn guest_result(run: &Run) -> serde_json::Value {
-    let line = run
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("APFVM-RESULT "))
-        .unwrap_or_else(|| panic!("no APFVM-RESULT line: {}", run.describe()));
-    serde_json::from_str(line.trim()).expect("APFVM-RESULT is JSON")
+    vmm::reference_guest::result(&run.stdout)
+        .unwrap_or_else(|| panic!("no APFVM-RESULT line: {}", run.describe()))
 }
 
 /// Serializes guest workloads that saturate the host's CPUs: run side by side on a 2-core

@@ -1,20 +1,23 @@
-//! How KVM handled each host page fault, from its own tracepoints (`--kvm-trace`, root only).
+//! How KVM handled each host page fault, per vCPU, from its own tracepoints (`--kvm-trace`,
+//! root only).
 //!
-//! KVM logs `kvm_try_async_get_page` when it turns a guest fault on a missing page into async
-//! work (a kworker waits for the page), `kvm_async_pf_not_present` when it could tell the
-//! guest "page not present" (a pfault delivered), `kvm_async_pf_ready` / `_completed` when
-//! the page is there, and `kvm_async_pf_repeated_fault` when the guest touched a page that was
-//! already being fetched. An async fault that was not delivered as "not present" was waited
-//! out by KVM halting the vCPU ("APF halt"). Synchronous faults never reach these tracepoints;
-//! the pager counts them (`faults_sync`).
+//! For every guest fault on a missing page that KVM turns into async work (a kworker waits for
+//! the page) it logs `kvm_async_pf_not_present`, whether or not it can tell the guest; when it
+//! can, the "page not present" #PF it injects (error code 0) follows at once
+//! (`kvm_inj_exception`, filtered to exactly those). Otherwise the vCPU sits in KVM's "APF
+//! halt" until the page is there (`kvm_async_pf_ready` for the same address); a guest that
+//! touches a page still on its way again (`kvm_async_pf_repeated_fault`) halts too. So per
+//! vCPU: async faults, pfaults delivered, APF halts and how long they kept the vCPU from the
+//! guest. Synchronous faults never reach these tracepoints; the pager times them
+//! (`sync_faults`).
 //!
 //! The events are enabled in a private tracefs instance, so the global trace buffer is left
-//! alone; a thread reads the instance's `trace_pipe` and counts the events raised by this
-//! process's own threads (the vCPU threads: all but `_completed` run in vCPU context), so
-//! other VMs on the host do not count. `kvm_async_pf_completed` runs in a kworker and cannot
-//! be told apart; it is counted for all VMs.
+//! alone; a thread reads the instance's `trace_pipe` and keeps the events raised by this
+//! process's vCPU threads (named `vcpuN`), so other VMs on the host do not count.
+//! `kvm_async_pf_completed` runs in a kworker and cannot be told apart; it is counted for all
+//! VMs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -27,13 +30,15 @@ use std::thread::JoinHandle;
 use serde_json::{Value, json};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
-pub const EVENTS: [&str; 5] = [
-    "kvm_try_async_get_page",
-    "kvm_async_pf_not_present",
-    "kvm_async_pf_ready",
-    "kvm_async_pf_completed",
-    "kvm_async_pf_repeated_fault",
-];
+const NOT_PRESENT: &str = "kvm_async_pf_not_present";
+const READY: &str = "kvm_async_pf_ready";
+const REPEATED: &str = "kvm_async_pf_repeated_fault";
+const COMPLETED: &str = "kvm_async_pf_completed";
+const TRY_ASYNC: &str = "kvm_try_async_get_page";
+const INJECT: &str = "kvm_inj_exception";
+pub const EVENTS: [&str; 6] = [TRY_ASYNC, NOT_PRESENT, INJECT, READY, COMPLETED, REPEATED];
+/// Only the #PF KVM injects for "page not present": vector 14, error code 0.
+const INJECT_FILTER: &str = "exception == 14 && has_error == 1 && error_code == 0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -54,45 +59,177 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Tra
     move |source| TraceError::Io { what, path, source }
 }
 
-/// Counts of each event.
+/// What the trace said about one vCPU.
 #[derive(Debug, Default, Clone)]
-pub struct TraceCounts(BTreeMap<&'static str, u64>);
+pub struct VcpuTrace {
+    pub async_faults: u64,
+    pub pfaults_delivered: u64,
+    /// APF halts that ended (the page came).
+    pub apf_halts: u64,
+    /// Time with at least one halt open, up to `last_event`: the vCPU waits for one page at a
+    /// time, so overlapping halts count once.
+    halted_seconds: f64,
+    last_event: f64,
+    /// Pending async faults by guest address: is the vCPU halted on it (not told the guest)?
+    pending: HashMap<u64, bool>,
+    open: u64,
+    /// The fault KVM just logged as "not present", until its #PF injection shows.
+    awaiting_injection: Option<u64>,
+}
 
-impl TraceCounts {
-    /// Counts `line` if it is one of our events and `ours` accepts the pid that raised it.
-    fn count_line(&mut self, line: &str, ours: &mut dyn FnMut(i32) -> bool) {
-        let Some(event) = EVENTS.iter().find(|e| line.contains(&format!(" {e}:"))) else {
-            return;
-        };
-        // "<comm>-<pid> [cpu] flags timestamp: event: ..."
-        let pid = line
-            .split_whitespace()
-            .next()
-            .and_then(|task| task.rsplit_once('-'))
-            .and_then(|(_, pid)| pid.parse::<i32>().ok());
-        let kworker_event = *event == "kvm_async_pf_completed";
-        if kworker_event || pid.is_some_and(&mut *ours) {
-            *self.0.entry(event).or_default() += 1;
+impl VcpuTrace {
+    fn set_halted(&mut self, gva: u64, halted: bool) {
+        if let Some(h) = self.pending.get_mut(&gva)
+            && *h != halted
+        {
+            *h = halted;
+            if halted {
+                self.open += 1;
+            } else {
+                self.open -= 1;
+            }
         }
     }
 
-    pub fn get(&self, event: &str) -> u64 {
-        self.0.get(event).copied().unwrap_or(0)
+    fn record(&mut self, event: &str, time: f64, gva: Option<u64>) {
+        if self.open > 0 {
+            self.halted_seconds += (time - self.last_event).max(0.0);
+        }
+        self.last_event = self.last_event.max(time);
+        match (event, gva) {
+            (TRY_ASYNC, _) => self.awaiting_injection = None,
+            (NOT_PRESENT, Some(gva)) => {
+                self.async_faults += 1;
+                if self.pending.insert(gva, true) != Some(true) {
+                    self.open += 1;
+                }
+                self.awaiting_injection = Some(gva);
+            }
+            (INJECT, _) => {
+                if let Some(gva) = self.awaiting_injection.take()
+                    && self.pending.get(&gva) == Some(&true)
+                {
+                    self.set_halted(gva, false);
+                    self.pfaults_delivered += 1;
+                }
+            }
+            (REPEATED, Some(gva)) => self.set_halted(gva, true),
+            // The fault is done either way; only a halted one ends a halt.
+            (READY, Some(gva)) if self.pending.remove(&gva) == Some(true) => {
+                self.open -= 1;
+                self.apf_halts += 1;
+            }
+            _ => {}
+        }
     }
 
-    /// The counts plus the per-fault classification.
+    /// (halts still going on at `now`, i.e. pages that have not come; the time since the last
+    /// event that they add).
+    pub fn open_halts(&self, now: f64) -> (u64, f64) {
+        let extra = if self.open > 0 {
+            (now - self.last_event).max(0.0)
+        } else {
+            0.0
+        };
+        (self.open, extra)
+    }
+
+    /// Time the vCPU sat in APF halts, up to `now`.
+    pub fn halt_seconds(&self, now: f64) -> f64 {
+        self.halted_seconds + self.open_halts(now).1
+    }
+
+    pub fn json(&self, index: usize, now: f64) -> Value {
+        json!({
+            "vcpu": index,
+            "async_faults": self.async_faults,
+            "pfaults_delivered": self.pfaults_delivered,
+            "apf_halts": self.apf_halts,
+            "apf_halts_open": self.open,
+            "apf_halt_ms": self.halt_seconds(now) * 1e3,
+        })
+    }
+}
+
+/// Raw event counts and the per-vCPU classification.
+#[derive(Debug, Default, Clone)]
+pub struct TraceCounts {
+    events: BTreeMap<&'static str, u64>,
+    vcpus: BTreeMap<usize, VcpuTrace>,
+    /// The newest event's time (trace clock, seconds): "now" for halts still going on.
+    pub last_seen: f64,
+}
+
+/// "<comm>-<pid> [cpu] flags seconds: event: details" → (comm, pid, seconds, event, details).
+fn parse_line(line: &str) -> Option<(&str, i32, f64, &str, &str)> {
+    let (head, rest) = line.split_once(": ")?;
+    let (event, details) = rest.split_once(": ").unwrap_or((rest, ""));
+    let mut fields = head.split_whitespace();
+    let (comm, pid) = fields.next()?.rsplit_once('-')?;
+    let seconds = fields.last()?.parse().ok()?;
+    Some((comm, pid.parse().ok()?, seconds, event, details))
+}
+
+/// The `gva` of an event's details (`gva 0x..` or `gva = 0x..`).
+fn gva(details: &str) -> Option<u64> {
+    let after = details.split_once("gva")?.1.trim_start_matches([' ', '=']);
+    let hex = after.split([' ', ',']).next()?.strip_prefix("0x")?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+impl TraceCounts {
+    /// Takes in `line` if it is one of our events and `ours` accepts the pid that raised it.
+    fn count_line(&mut self, line: &str, ours: &mut dyn FnMut(i32) -> bool) {
+        let Some((comm, pid, time, event, details)) = parse_line(line) else {
+            return;
+        };
+        let Some(event) = EVENTS.into_iter().find(|e| *e == event) else {
+            return;
+        };
+        if event == COMPLETED {
+            *self.events.entry(event).or_default() += 1;
+            return;
+        }
+        let Some(vcpu) = comm.strip_prefix("vcpu").and_then(|n| n.parse().ok()) else {
+            return;
+        };
+        if !ours(pid) {
+            return;
+        }
+        self.last_seen = self.last_seen.max(time);
+        *self.events.entry(event).or_default() += 1;
+        self.vcpus
+            .entry(vcpu)
+            .or_default()
+            .record(event, time, gva(details));
+    }
+
+    pub fn get(&self, event: &str) -> u64 {
+        self.events.get(event).copied().unwrap_or(0)
+    }
+
+    /// What the trace said about vCPU `index`.
+    pub fn vcpu(&self, index: usize) -> VcpuTrace {
+        self.vcpus.get(&index).cloned().unwrap_or_default()
+    }
+
+    /// The raw counts, the totals and one entry per vCPU seen.
     pub fn json(&self) -> Value {
-        let queued = self.get("kvm_try_async_get_page");
-        let delivered = self.get("kvm_async_pf_not_present");
         let mut events = serde_json::Map::new();
         for e in EVENTS {
             events.insert(e.to_string(), json!(self.get(e)));
         }
+        let now = self.last_seen;
+        let sum = |f: &dyn Fn(&VcpuTrace) -> u64| self.vcpus.values().map(f).sum::<u64>();
+        let halt_ms: f64 = self.vcpus.values().map(|v| v.halt_seconds(now) * 1e3).sum();
         json!({
             "events": events,
-            "async_faults": queued,
-            "pfaults_delivered": delivered,
-            "apf_halts": queued.saturating_sub(delivered),
+            "async_faults": sum(&|v| v.async_faults),
+            "pfaults_delivered": sum(&|v| v.pfaults_delivered),
+            "apf_halts": sum(&|v| v.apf_halts),
+            "apf_halts_open": sum(&|v| v.open_halts(now).0),
+            "apf_halt_ms": halt_ms,
+            "vcpus": self.vcpus.iter().map(|(i, v)| v.json(*i, now)).collect::<Vec<_>>(),
         })
     }
 }
@@ -136,6 +273,8 @@ impl KvmTrace {
             stop: Arc::new(AtomicBool::new(false)),
             reader: None,
         };
+        let filter = instance.join("events/kvm").join(INJECT).join("filter");
+        std::fs::write(&filter, INJECT_FILTER).map_err(io_err("filtering", &filter))?;
         for event in EVENTS {
             let enable = instance.join("events/kvm").join(event).join("enable");
             std::fs::write(&enable, "1").map_err(io_err("enabling", &enable))?;
@@ -260,26 +399,64 @@ fn read_pipe(mut pipe: File, counts: &Mutex<TraceCounts>, stop: &AtomicBool) {
 mod tests {
     use super::*;
 
+    /// A delivered fault, an APF halt (no injection) that lasts 4 ms, a repeated touch of a
+    /// delivered page (a halt of 1 ms), a page-ready for a wake-all, and lines of other
+    /// threads and events.
     #[test]
-    fn lines_are_counted_by_event_and_classified() {
+    fn faults_are_classified_per_vcpu_and_halts_timed() {
         let mut c = TraceCounts::default();
-        let mut ours = |pid: i32| pid == 123;
+        let mut ours = |pid: i32| pid == 123 || pid == 124;
         for line in [
-            "  vcpu0-999 [001] d..1. 10.0: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            "  vcpu0-123 [001] d..1. 10.0: kvm_try_async_get_page: gva = 0x1000, gfn = 0x2000",
-            "  vcpu0-123 [001] d..1. 10.0: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            "  vcpu0-123 [001] d..1. 10.1: kvm_try_async_get_page: gva = 0x3000, gfn = 0x4000",
-            "  kworker/1:0-9 [001] ..... 10.2: kvm_async_pf_completed: gva 0x1000 address 0x7f",
-            "  vcpu0-123 [001] d..1. 10.3: kvm_async_pf_ready: token 0x1000 gva 0x1000",
+            "  vcpu0-999 [001] d..1. 9.0: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+            "  vcpu0-123 [001] d..1. 10.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
+            "  vcpu0-123 [001] d..1. 10.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+            "  vcpu0-123 [001] d..1. 10.000: kvm_inj_exception: #PF (0x0)",
+            "  vcpu1-124 [000] d..1. 10.001: kvm_try_async_get_page: gva = 0x3000, gfn = 0x3",
+            "  vcpu1-124 [000] d..1. 10.001: kvm_async_pf_not_present: token 0x1001 gva 0x3000",
+            "  kworker/1:0-9 [001] ..... 10.002: kvm_async_pf_completed: gva 0x1000 address 0x7f",
+            "  vcpu0-123 [001] d..1. 10.003: kvm_async_pf_ready: token 0x1000 gva 0x1000",
+            "  vcpu1-124 [000] d..1. 10.005: kvm_async_pf_ready: token 0x1001 gva 0x3000",
+            "  vcpu0-123 [001] d..1. 10.010: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
+            "  vcpu0-123 [001] d..1. 10.010: kvm_async_pf_not_present: token 0x2000 gva 0x5000",
+            "  vcpu0-123 [001] d..1. 10.010: kvm_inj_exception: #PF (0x0)",
+            "  vcpu0-123 [001] d..1. 10.011: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
+            "  vcpu0-123 [001] d..1. 10.011: kvm_async_pf_repeated_fault: gva = 0x5000, gfn = 0x5",
+            "  vcpu0-123 [001] d..1. 10.012: kvm_async_pf_ready: token 0x2000 gva 0x5000",
+            "  vcpu0-123 [001] d..1. 10.020: kvm_async_pf_ready: token 0xffffffff gva 0x0",
+            "  vcpu1-124 [000] d..1. 10.030: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
+            "  vcpu1-124 [000] d..1. 10.030: kvm_async_pf_not_present: token 0x2001 gva 0x7000",
+            "  vcpu1-124 [000] d..1. 10.032: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
+            "  vcpu1-124 [000] d..1. 10.032: kvm_async_pf_repeated_fault: gva = 0x7000, gfn = 0x7",
             "  vcpu0-123 [001] d..1. 10.3: kvm_exit: reason IO",
         ] {
             c.count_line(line, &mut ours);
         }
         let j = c.json();
-        assert_eq!(j["async_faults"], 2);
-        assert_eq!(j["pfaults_delivered"], 1);
-        assert_eq!(j["apf_halts"], 1);
-        assert_eq!(j["events"]["kvm_async_pf_ready"], 1);
-        assert_eq!(j["events"]["kvm_async_pf_repeated_fault"], 0);
+        assert_eq!(j["async_faults"], 4, "{j}");
+        assert_eq!(j["pfaults_delivered"], 2, "{j}");
+        assert_eq!(j["apf_halts"], 2, "{j}");
+        assert_eq!(j["events"]["kvm_async_pf_completed"], 1);
+        assert_eq!(j["events"]["kvm_async_pf_ready"], 4);
+        let now = c.last_seen;
+        let (v0, v1) = (c.vcpu(0), c.vcpu(1));
+        assert_eq!(
+            (v0.async_faults, v0.pfaults_delivered, v0.apf_halts),
+            (2, 2, 1)
+        );
+        assert!((v0.halt_seconds(now) - 0.001).abs() < 1e-9, "{v0:?}");
+        // 4 ms halted on 0x3000, then 2 ms so far on 0x7000, whose page has not come: it
+        // counts up to the newest event (10.032 s), and again up to a later `now`.
+        assert_eq!(
+            (v1.async_faults, v1.pfaults_delivered, v1.apf_halts),
+            (2, 0, 1)
+        );
+        assert_eq!(j["apf_halts_open"], 1, "{j}");
+        assert!((v1.halt_seconds(now) - 0.006).abs() < 1e-9, "{v1:?}");
+        assert!((v1.halt_seconds(now + 0.5) - 0.506).abs() < 1e-9, "{v1:?}");
+        assert!(
+            (j["apf_halt_ms"].as_f64().unwrap() - 7.0).abs() < 1e-6,
+            "{j}"
+        );
+        assert_eq!(j["vcpus"][1]["vcpu"], 1);
     }
 }

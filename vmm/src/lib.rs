@@ -15,6 +15,7 @@ pub mod linux_guest;
 pub mod memory;
 pub mod metrics;
 pub mod pager;
+pub mod reference_guest;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

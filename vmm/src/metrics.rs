@@ -4,9 +4,10 @@
 //! (fault message to UFFDIO_COPY done) as HDR histograms. `MetricsWriter` writes JSON lines
 //! at an interval and a final summary (fields: docs/metrics.md).
 //!
-//! What the host cannot see from here: how long a vCPU sat in KVM's "APF halt" for an async
-//! fault the guest could not take (that needs KVM's tracepoints), and what the guest did
-//! meanwhile (the guest's own counters: the reference guest's result line, the Linux patches).
+//! With `--kvm-trace`, also how long a vCPU sat in KVM's "APF halt" for async faults the guest
+//! could not take (from KVM's tracepoints, `kvm_trace`). What the host cannot see: what the
+//! guest did meanwhile (the guest's own counters: the reference guest's result line, the
+//! Linux patches).
 
 use std::fs::File;
 use std::io::Write;
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+
+use crate::kvm_trace::VcpuTrace;
 
 /// Latencies in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub struct LatencyHistogram(Mutex<Histogram<u64>>);
@@ -82,17 +85,32 @@ pub struct VcpuMetrics {
 }
 
 impl VcpuMetrics {
-    pub fn json(&self, index: usize) -> Value {
-        let run_ns = self.run_ns.load(Ordering::Relaxed);
-        let stall_ns = self.sync_faults.ns.load(Ordering::Relaxed);
-        json!({
+    /// This vCPU's line; with `--kvm-trace`, also what KVM's tracepoints said about it (up to
+    /// the trace time `now`), and the two stalls together: the time the vCPU could not run the guest because of host
+    /// faults, as far as the host sees it.
+    pub fn json(&self, index: usize, trace: Option<(&VcpuTrace, f64)>) -> Value {
+        let run_ns = self.run_ns.load(Ordering::Relaxed) as f64;
+        let stall_ns = self.sync_faults.ns.load(Ordering::Relaxed) as f64;
+        let share = |ns: f64| if run_ns == 0.0 { 0.0 } else { ns / run_ns };
+        let mut line = json!({
             "vcpu": index,
-            "run_ms": run_ns as f64 / 1e6,
+            "run_ms": run_ns / 1e6,
             "exits": self.exits.load(Ordering::Relaxed),
             "sync_faults": self.sync_faults.faults.load(Ordering::Relaxed),
-            "sync_fault_stall_ms": stall_ns as f64 / 1e6,
-            "sync_fault_stall_share": if run_ns == 0 { 0.0 } else { stall_ns as f64 / run_ns as f64 },
-        })
+            "sync_fault_stall_ms": stall_ns / 1e6,
+            "sync_fault_stall_share": share(stall_ns),
+        });
+        if let Some((t, now)) = trace {
+            let halt_ns = t.halt_seconds(now) * 1e9;
+            line["async_faults"] = json!(t.async_faults);
+            line["pfaults_delivered"] = json!(t.pfaults_delivered);
+            line["apf_halts"] = json!(t.apf_halts);
+            line["apf_halts_open"] = json!(t.open_halts(now).0);
+            line["apf_halt_ms"] = json!(halt_ns / 1e6);
+            line["host_fault_stall_ms"] = json!((stall_ns + halt_ns) / 1e6);
+            line["host_fault_stall_share"] = json!(share(stall_ns + halt_ns));
+        }
+        line
     }
 }
 

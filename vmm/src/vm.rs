@@ -311,16 +311,32 @@ fn metrics_sampler(
     trace: Option<Arc<KvmTrace>>,
 ) -> crate::metrics::Sampler {
     Box::new(move || {
-        let vcpus: Vec<serde_json::Value> =
-            vcpus.iter().enumerate().map(|(i, m)| m.json(i)).collect();
+        let counts = trace.as_ref().map(|t| t.counts());
+        let vcpus: Vec<serde_json::Value> = vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let trace = counts.as_ref().map(|c| (c.vcpu(i), c.last_seen));
+                m.json(i, trace.as_ref().map(|(t, now)| (t, *now)))
+            })
+            .collect();
         let pager = pager
             .as_ref()
             .map_or(serde_json::Value::Null, |p| p.stats().summary_json());
-        let trace = trace
-            .as_ref()
-            .map_or(serde_json::Value::Null, |t| t.counts().json());
+        let trace = counts.map_or(serde_json::Value::Null, |c| c.json());
         serde_json::json!({ "vcpus": vcpus, "pager": pager, "kvm_trace": trace })
     })
+}
+
+/// How the pager's final summary line on stderr starts (`apfvm: pager: {json}`).
+pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
+
+/// The pager's summary in what apfvm wrote to stderr, parsed.
+pub fn pager_summary(stderr: &str) -> Option<serde_json::Value> {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(PAGER_SUMMARY))
+        .and_then(|json| serde_json::from_str(json).ok())
 }
 
 /// Wakes the event loop when a stop is requested.
@@ -581,7 +597,7 @@ pub fn run(config: &VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     stop_vcpus(handles)?;
     if let Some(pager) = &pager {
         pager.stop();
-        eprintln!("apfvm: pager: {}", pager.stats().summary_json());
+        eprintln!("{PAGER_SUMMARY}{}", pager.stats().summary_json());
     }
     // The userfaultfd must be closed before the VM is destroyed: KVM's teardown waits for
     // its async PF kworkers, and one may still wait on a page (see `Pager::stop`). The last

@@ -226,18 +226,11 @@ fn run_case(opts: &BenchOptions, case: &Case) -> Result<Measured, BenchError> {
         return Err(err(format!("no result within {CASE_LIMIT:?}")));
     }
     let (stdout, stderr) = (&out.stdout, &out.stderr);
-    let pager = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("apfvm: pager: "))
-        .and_then(|l| serde_json::from_str::<Value>(l).ok());
+    let pager = crate::vm::pager_summary(stderr);
     let no_result = || err(format!("no guest result (exit {:?}): {stderr}", out.status));
     let measured = match &opts.guest {
         BenchGuest::Reference => {
-            let result = stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("APFVM-RESULT "))
-                .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
-                .ok_or_else(no_result)?;
+            let result = crate::reference_guest::result(stdout).ok_or_else(no_result)?;
             Measured {
                 busy_ops: num(&result, "busy_ops"),
                 seconds: num(&result, "elapsed_ms") / 1e3,
