@@ -95,25 +95,11 @@ pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
         rules.insert(libc::SYS_openat, vec![]);
     }
     // The SIGSYS handler reads the thread's name.
-    let get_name = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::PR_GET_NAME as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(build)?;
+    let get_name = arg_is(0, libc::PR_GET_NAME as u64).map_err(build)?;
     rules.insert(libc::SYS_prctl, vec![get_name]);
     // Dropping an owned descriptor in a debug build first checks it is open (std's
     // debug_assert_fd_is_open): fcntl(F_GETFD) only.
-    let fd_is_open = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_GETFD as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(build)?;
+    let fd_is_open = arg_is(1, libc::F_GETFD as u64).map_err(build)?;
     rules.insert(libc::SYS_fcntl, vec![fd_is_open]);
     let ioctl_types = ioctl_types(kind);
     if !ioctl_types.is_empty() {
@@ -154,6 +140,12 @@ pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
     .map_err(build)?;
     // The allow-list goes last: it does not allow installing another filter.
     Ok(vec![no_files, allow_list])
+}
+
+/// A rule that allows a call only when its argument `index` (32 bits) is `value`.
+fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .and_then(|c| SeccompRule::new(vec![c]))
 }
 
 /// ioctl request types: KVM's, userfaultfd's, the terminal's.
