@@ -1,7 +1,8 @@
 # Longer-running checks that are not part of `cargo test --workspace`.
 FUZZ_TARGETS := kernel_image config devices apf_msrs
 
-.PHONY: soak fuzz-short fuzz-long
+# `fuzz` is also the name of the fuzz/ directory: phony, or make calls it up to date.
+.PHONY: soak fuzz fuzz-short fuzz-long
 
 soak:
 	cargo soak
