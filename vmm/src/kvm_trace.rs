@@ -59,13 +59,37 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Tra
     move |source| TraceError::Io { what, path, source }
 }
 
-/// What the trace said about one vCPU.
-#[derive(Debug, Default, Clone)]
-pub struct VcpuTrace {
+/// One vCPU's host faults as the trace saw them, up to some moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct VcpuFaults {
     pub async_faults: u64,
     pub pfaults_delivered: u64,
     /// APF halts that ended (the page came).
     pub apf_halts: u64,
+    /// APF halts still going on (the page has not come).
+    pub apf_halts_open: u64,
+    /// Time the vCPU sat in APF halts, open ones included.
+    pub apf_halt_seconds: f64,
+}
+
+impl VcpuFaults {
+    pub fn json(&self) -> Value {
+        json!({
+            "async_faults": self.async_faults,
+            "pfaults_delivered": self.pfaults_delivered,
+            "apf_halts": self.apf_halts,
+            "apf_halts_open": self.apf_halts_open,
+            "apf_halt_ms": self.apf_halt_seconds * 1e3,
+        })
+    }
+}
+
+/// What the trace said about one vCPU, and what it needs to classify the next events.
+#[derive(Debug, Default, Clone)]
+struct VcpuTrace {
+    async_faults: u64,
+    pfaults_delivered: u64,
+    apf_halts: u64,
     /// Time with at least one halt open, up to `last_event`: the vCPU waits for one page at a
     /// time, so overlapping halts count once.
     halted_seconds: f64,
@@ -123,31 +147,20 @@ impl VcpuTrace {
         }
     }
 
-    /// (halts still going on at `now`, i.e. pages that have not come; the time since the last
-    /// event that they add).
-    pub fn open_halts(&self, now: f64) -> (u64, f64) {
-        let extra = if self.open > 0 {
+    /// The faults up to `now`: halts still open count until then.
+    fn faults(&self, now: f64) -> VcpuFaults {
+        let open_for = if self.open > 0 {
             (now - self.last_event).max(0.0)
         } else {
             0.0
         };
-        (self.open, extra)
-    }
-
-    /// Time the vCPU sat in APF halts, up to `now`.
-    pub fn halt_seconds(&self, now: f64) -> f64 {
-        self.halted_seconds + self.open_halts(now).1
-    }
-
-    pub fn json(&self, index: usize, now: f64) -> Value {
-        json!({
-            "vcpu": index,
-            "async_faults": self.async_faults,
-            "pfaults_delivered": self.pfaults_delivered,
-            "apf_halts": self.apf_halts,
-            "apf_halts_open": self.open,
-            "apf_halt_ms": self.halt_seconds(now) * 1e3,
-        })
+        VcpuFaults {
+            async_faults: self.async_faults,
+            pfaults_delivered: self.pfaults_delivered,
+            apf_halts: self.apf_halts,
+            apf_halts_open: self.open,
+            apf_halt_seconds: self.halted_seconds + open_for,
+        }
     }
 }
 
@@ -157,7 +170,7 @@ pub struct TraceCounts {
     events: BTreeMap<&'static str, u64>,
     vcpus: BTreeMap<usize, VcpuTrace>,
     /// The newest event's time (trace clock, seconds): "now" for halts still going on.
-    pub last_seen: f64,
+    last_seen: f64,
 }
 
 /// "<comm>-<pid> [cpu] flags seconds: event: details" → (comm, pid, seconds, event, details).
@@ -208,9 +221,12 @@ impl TraceCounts {
         self.events.get(event).copied().unwrap_or(0)
     }
 
-    /// What the trace said about vCPU `index`.
-    pub fn vcpu(&self, index: usize) -> VcpuTrace {
-        self.vcpus.get(&index).cloned().unwrap_or_default()
+    /// What the trace said about vCPU `index`, up to the newest event.
+    pub fn vcpu(&self, index: usize) -> VcpuFaults {
+        self.vcpus
+            .get(&index)
+            .map(|v| v.faults(self.last_seen))
+            .unwrap_or_default()
     }
 
     /// The raw counts, the totals and one entry per vCPU seen.
@@ -219,18 +235,23 @@ impl TraceCounts {
         for e in EVENTS {
             events.insert(e.to_string(), json!(self.get(e)));
         }
-        let now = self.last_seen;
-        let sum = |f: &dyn Fn(&VcpuTrace) -> u64| self.vcpus.values().map(f).sum::<u64>();
-        let halt_ms: f64 = self.vcpus.values().map(|v| v.halt_seconds(now) * 1e3).sum();
-        json!({
-            "events": events,
-            "async_faults": sum(&|v| v.async_faults),
-            "pfaults_delivered": sum(&|v| v.pfaults_delivered),
-            "apf_halts": sum(&|v| v.apf_halts),
-            "apf_halts_open": sum(&|v| v.open_halts(now).0),
-            "apf_halt_ms": halt_ms,
-            "vcpus": self.vcpus.iter().map(|(i, v)| v.json(*i, now)).collect::<Vec<_>>(),
-        })
+        let mut total = VcpuFaults::default();
+        let mut vcpus = Vec::new();
+        for &index in self.vcpus.keys() {
+            let f = self.vcpu(index);
+            total.async_faults += f.async_faults;
+            total.pfaults_delivered += f.pfaults_delivered;
+            total.apf_halts += f.apf_halts;
+            total.apf_halts_open += f.apf_halts_open;
+            total.apf_halt_seconds += f.apf_halt_seconds;
+            let mut line = f.json();
+            line["vcpu"] = json!(index);
+            vcpus.push(line);
+        }
+        let mut all = total.json();
+        all["events"] = Value::Object(events);
+        all["vcpus"] = Value::Array(vcpus);
+        all
     }
 }
 
@@ -437,13 +458,12 @@ mod tests {
         assert_eq!(j["apf_halts"], 2, "{j}");
         assert_eq!(j["events"]["kvm_async_pf_completed"], 1);
         assert_eq!(j["events"]["kvm_async_pf_ready"], 4);
-        let now = c.last_seen;
         let (v0, v1) = (c.vcpu(0), c.vcpu(1));
         assert_eq!(
             (v0.async_faults, v0.pfaults_delivered, v0.apf_halts),
             (2, 2, 1)
         );
-        assert!((v0.halt_seconds(now) - 0.001).abs() < 1e-9, "{v0:?}");
+        assert!((v0.apf_halt_seconds - 0.001).abs() < 1e-9, "{v0:?}");
         // 4 ms halted on 0x3000, then 2 ms so far on 0x7000, whose page has not come: it
         // counts up to the newest event (10.032 s), and again up to a later `now`.
         assert_eq!(
@@ -451,8 +471,10 @@ mod tests {
             (2, 0, 1)
         );
         assert_eq!(j["apf_halts_open"], 1, "{j}");
-        assert!((v1.halt_seconds(now) - 0.006).abs() < 1e-9, "{v1:?}");
-        assert!((v1.halt_seconds(now + 0.5) - 0.506).abs() < 1e-9, "{v1:?}");
+        assert_eq!(v1.apf_halts_open, 1);
+        assert!((v1.apf_halt_seconds - 0.006).abs() < 1e-9, "{v1:?}");
+        let later = c.vcpus[&1].faults(c.last_seen + 0.5);
+        assert!((later.apf_halt_seconds - 0.506).abs() < 1e-9, "{later:?}");
         assert!(
             (j["apf_halt_ms"].as_f64().unwrap() - 7.0).abs() < 1e-6,
             "{j}"

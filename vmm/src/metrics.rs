@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::kvm_trace::VcpuTrace;
+use crate::kvm_trace::VcpuFaults;
 
 /// Latencies in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub struct LatencyHistogram(Mutex<Histogram<u64>>);
@@ -85,10 +85,10 @@ pub struct VcpuMetrics {
 }
 
 impl VcpuMetrics {
-    /// This vCPU's line; with `--kvm-trace`, also what KVM's tracepoints said about it (up to
-    /// the trace time `now`), and the two stalls together: the time the vCPU could not run the guest because of host
+    /// This vCPU's line; with `--kvm-trace`, also what KVM's tracepoints said about it, and
+    /// the two stalls together: the time the vCPU could not run the guest because of host
     /// faults, as far as the host sees it.
-    pub fn json(&self, index: usize, trace: Option<(&VcpuTrace, f64)>) -> Value {
+    pub fn json(&self, index: usize, trace: Option<VcpuFaults>) -> Value {
         let run_ns = self.run_ns.load(Ordering::Relaxed) as f64;
         let stall_ns = self.sync_faults.ns.load(Ordering::Relaxed) as f64;
         let share = |ns: f64| if run_ns == 0.0 { 0.0 } else { ns / run_ns };
@@ -100,13 +100,11 @@ impl VcpuMetrics {
             "sync_fault_stall_ms": stall_ns / 1e6,
             "sync_fault_stall_share": share(stall_ns),
         });
-        if let Some((t, now)) = trace {
-            let halt_ns = t.halt_seconds(now) * 1e9;
-            line["async_faults"] = json!(t.async_faults);
-            line["pfaults_delivered"] = json!(t.pfaults_delivered);
-            line["apf_halts"] = json!(t.apf_halts);
-            line["apf_halts_open"] = json!(t.open_halts(now).0);
-            line["apf_halt_ms"] = json!(halt_ns / 1e6);
+        if let Some(faults) = trace {
+            if let (Some(object), Value::Object(fields)) = (line.as_object_mut(), faults.json()) {
+                object.extend(fields);
+            }
+            let halt_ns = faults.apf_halt_seconds * 1e9;
             line["host_fault_stall_ms"] = json!((stall_ns + halt_ns) / 1e6);
             line["host_fault_stall_share"] = json!(share(stall_ns + halt_ns));
         }

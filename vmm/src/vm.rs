@@ -315,10 +315,7 @@ fn metrics_sampler(
         let vcpus: Vec<serde_json::Value> = vcpus
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                let trace = counts.as_ref().map(|c| (c.vcpu(i), c.last_seen));
-                m.json(i, trace.as_ref().map(|(t, now)| (t, *now)))
-            })
+            .map(|(i, m)| m.json(i, counts.as_ref().map(|c| c.vcpu(i))))
             .collect();
         let pager = pager
             .as_ref()
