@@ -2,7 +2,13 @@
 FUZZ_TARGETS := kernel_image config devices apf_msrs
 
 # `fuzz` is also the name of the fuzz/ directory: phony, or make calls it up to date.
-.PHONY: soak fuzz fuzz-short fuzz-long
+.PHONY: soak fuzz fuzz-short fuzz-long test-under-load
+
+# The whole test suite, RUNS times in a row (default 3), with every core busy and a disk
+# writer running: what must pass before any submission.
+RUNS ?= 3
+test-under-load:
+	tests/under-load.sh $(RUNS)
 
 soak:
 	cargo soak

@@ -3,20 +3,41 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 pub const APFVM: &str = env!("CARGO_BIN_EXE_apfvm");
 pub const REFERENCE_GUEST: &str = env!("APFVM_REFERENCE_GUEST");
 
+/// KVM tests this test binary skipped (APFVM_SKIP_KVM_TESTS=1 without /dev/kvm).
+static SKIPPED: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn report_skipped() {
+    let n = SKIPPED.load(Ordering::SeqCst);
+    let binary = std::env::args().next().unwrap_or_default();
+    let name = Path::new(&binary)
+        .file_name()
+        .map_or(binary.clone(), |n| n.to_string_lossy().into_owned());
+    // After the harness's summary, so that the count is not lost among the test lines.
+    eprintln!("APFVM_SKIP_KVM_TESTS=1: {n} KVM test(s) of {name} skipped (no /dev/kvm)");
+}
+
 /// Whether KVM tests can run. Without /dev/kvm they fail with a clear message, unless
-/// APFVM_SKIP_KVM_TESTS=1 says to skip them.
+/// APFVM_SKIP_KVM_TESTS=1 says to skip them; the test binary then says how many it skipped
+/// when it ends.
 pub fn kvm_available() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
     if std::env::var("APFVM_SKIP_KVM_TESTS").as_deref() == Ok("1") {
+        if SKIPPED.fetch_add(1, Ordering::SeqCst) == 0 {
+            // SAFETY: registers a plain extern "C" function, run once at process exit.
+            unsafe { libc::atexit(report_skipped) };
+        }
         eprintln!("skipping: /dev/kvm is missing and APFVM_SKIP_KVM_TESTS=1");
         return false;
     }
@@ -85,6 +106,193 @@ pub fn apfvm(args: &[&str], limit: Duration) -> Run {
     wait(spawn(args), limit)
 }
 
+/// What a running apfvm printed so far.
+#[derive(Default)]
+struct Output {
+    stdout: String,
+    stderr: String,
+    /// Streams that reached their end (the process closed them: it is exiting).
+    closed: u8,
+}
+
+/// A running apfvm whose output the test reads as it comes, so that it can act on an event
+/// (a line on the console) instead of after a guessed time.
+pub struct Watched {
+    child: Child,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+fn pump(
+    mut pipe: impl Read + Send + 'static,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    stdout: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = pipe.read(&mut buf).unwrap_or(0);
+            let (lock, changed) = &*output;
+            let mut out = lock.lock().unwrap();
+            if n == 0 {
+                out.closed += 1;
+                changed.notify_all();
+                return;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if stdout {
+                out.stdout.push_str(&text);
+            } else {
+                out.stderr.push_str(&text);
+            }
+            changed.notify_all();
+        }
+    })
+}
+
+/// Starts apfvm with `args` (stdin /dev/null) and reads its output as it comes.
+pub fn watch(args: &[&str]) -> Watched {
+    let mut child = spawn(args);
+    let output = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+    let readers = vec![
+        pump(child.stdout.take().unwrap(), output.clone(), true),
+        pump(child.stderr.take().unwrap(), output.clone(), false),
+    ];
+    Watched {
+        child,
+        output,
+        readers,
+        started: Instant::now(),
+    }
+}
+
+impl Watched {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `ready(stdout, stderr)` holds. Fails the test with all output if apfvm
+    /// ends first, or if `limit` passes (apfvm or the guest hangs).
+    pub fn wait_until(&self, what: &str, limit: Duration, ready: impl Fn(&str, &str) -> bool) {
+        let (lock, changed) = &*self.output;
+        let deadline = Instant::now() + limit;
+        let mut out = lock.lock().unwrap();
+        while !ready(&out.stdout, &out.stderr) {
+            let now = Instant::now();
+            if out.closed == 2 || now >= deadline {
+                panic!(
+                    "waiting for {what}: {} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    if out.closed == 2 {
+                        "apfvm ended"
+                    } else {
+                        "not seen"
+                    },
+                    self.started.elapsed(),
+                    out.stdout,
+                    out.stderr
+                );
+            }
+            out = changed.wait_timeout(out, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until the guest's console shows `needle`.
+    pub fn wait_for_stdout(&self, needle: &str, limit: Duration) {
+        self.wait_until(&format!("{needle:?} on the console"), limit, |out, _| {
+            out.contains(needle)
+        });
+    }
+
+    /// Waits until `ready` holds for the lines of a JSON-lines metrics file (each line parsed),
+    /// checking again whenever apfvm prints something and at least every 20 ms.
+    pub fn wait_for_metrics(
+        &self,
+        path: &Path,
+        limit: Duration,
+        ready: impl Fn(&[serde_json::Value]) -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            if ready(&lines) {
+                return;
+            }
+            let (lock, changed) = &*self.output;
+            let out = lock.lock().unwrap();
+            if out.closed == 2 || Instant::now() >= deadline {
+                panic!(
+                    "waiting for the metrics in {}: {} after {:?}: {lines:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    path.display(),
+                    if out.closed == 2 {
+                        "apfvm ended"
+                    } else {
+                        "not seen"
+                    },
+                    self.started.elapsed(),
+                    out.stdout,
+                    out.stderr
+                );
+            }
+            let _ = changed
+                .wait_timeout(out, Duration::from_millis(20))
+                .unwrap();
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) of our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
+    }
+
+    /// Waits for apfvm to exit; past `limit` it is killed and the test fails: apfvm must never
+    /// hang.
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let since = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for apfvm") {
+                break Some(status);
+            }
+            if since.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            let (lock, changed) = &*self.output;
+            let out = lock.lock().unwrap();
+            let _ = changed
+                .wait_timeout(out, Duration::from_millis(20))
+                .unwrap();
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let out = std::mem::take(&mut *self.output.0.lock().unwrap());
+        let Some(status) = status else {
+            panic!(
+                "apfvm did not finish within {limit:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                out.stdout, out.stderr
+            );
+        };
+        Run {
+            status,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// Whether this host runs guest kernel mode through an instruction emulator (PVM, see
+/// ../shared/docs/host-kvm.md): some guests then end differently, by the host's nature.
+pub fn host_emulates_guest_kernel_mode() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// The directory for downloaded test inputs (gitignored).
 pub fn cache_dir() -> PathBuf {
     match std::env::var_os("APFVM_CACHE_DIR") {
@@ -105,7 +313,9 @@ pub fn debian_kernel() -> (PathBuf, PathBuf) {
         .expect("run fetch.sh");
     assert!(
         out.status.success(),
-        "fetching Debian's kernel failed:\n{}",
+        "fetching Debian's kernel failed (this test needs the network to reach Debian's \
+         package mirror through apt-get, unless {} already holds the kernel):\n{}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     (dir.join("vmlinuz"), dir.join("vmlinux"))

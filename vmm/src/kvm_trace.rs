@@ -14,6 +14,13 @@
 //! The events are enabled in a private tracefs instance, so the global trace buffer is left
 //! alone; a thread reads the instance's `trace_pipe` and keeps the events raised by this
 //! process's vCPU threads (named `vcpuN`), so other VMs on the host do not count.
+//!
+//! Two things make a busy host lie if left alone. The instance's clock is `global`: with the
+//! default per-CPU `local` clock, events of a vCPU thread that migrated between host CPUs
+//! come out of `trace_pipe` in the wrong order (an injection before its "not present"), and
+//! a delivered fault looks like a halt. And a full ring buffer drops events: the per-CPU
+//! `stats` files say how many (`overrun`, `dropped events`), and a trace that lost any says
+//! so (`lost_events`) and reports no classification rather than a wrong one.
 //! `kvm_async_pf_completed` runs in a kworker and cannot be told apart; it is counted for all
 //! VMs.
 
@@ -39,6 +46,13 @@ const INJECT: &str = "kvm_inj_exception";
 pub const EVENTS: [&str; 6] = [TRY_ASYNC, NOT_PRESENT, INJECT, READY, COMPLETED, REPEATED];
 /// Only the #PF KVM injects for "page not present": vector 14, error code 0.
 const INJECT_FILTER: &str = "exception == 14 && has_error == 1 && error_code == 0";
+/// A clock that orders events of different host CPUs (see the module docs).
+const TRACE_CLOCK: &str = "global";
+/// Per host CPU; the default (1.4 MiB) is enough for a quiet host, this leaves room for a
+/// reader that a loaded host keeps off the CPU for a while.
+const BUFFER_SIZE_KB: &str = "8192";
+/// The token of a page-ready that wakes every task parked on the vCPU.
+const WAKE_ALL_TOKEN: u64 = 0xffff_ffff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -97,8 +111,14 @@ struct VcpuTrace {
     /// Pending async faults by guest address: is the vCPU halted on it (not told the guest)?
     pending: HashMap<u64, bool>,
     open: u64,
-    /// The fault KVM just logged as "not present", until its #PF injection shows.
-    awaiting_injection: Option<u64>,
+    /// The fault KVM just logged as "not present" (address, time), until its #PF injection
+    /// shows or the vCPU takes another fault.
+    awaiting_injection: Option<(u64, f64)>,
+    /// The awaited fault's page came before its injection showed (the vCPU thread was off the
+    /// host CPU in between: KVM completes pages before it injects events on the next entry).
+    /// It was taken for an ended halt of this many seconds; an injection right after turns it
+    /// back into a delivered pfault.
+    ready_before_injection: Option<f64>,
 }
 
 impl VcpuTrace {
@@ -115,33 +135,54 @@ impl VcpuTrace {
         }
     }
 
-    fn record(&mut self, event: &str, time: f64, gva: Option<u64>) {
+    fn record(&mut self, event: &str, time: f64, gva: Option<u64>, token: Option<u64>) {
         if self.open > 0 {
             self.halted_seconds += (time - self.last_event).max(0.0);
         }
         self.last_event = self.last_event.max(time);
         match (event, gva) {
-            (TRY_ASYNC, _) => self.awaiting_injection = None,
+            (TRY_ASYNC, _) => {
+                self.awaiting_injection = None;
+                self.ready_before_injection = None;
+            }
             (NOT_PRESENT, Some(gva)) => {
                 self.async_faults += 1;
                 if self.pending.insert(gva, true) != Some(true) {
                     self.open += 1;
                 }
-                self.awaiting_injection = Some(gva);
+                self.awaiting_injection = Some((gva, time));
+                self.ready_before_injection = None;
             }
             (INJECT, _) => {
-                if let Some(gva) = self.awaiting_injection.take()
-                    && self.pending.get(&gva) == Some(&true)
-                {
-                    self.set_halted(gva, false);
-                    self.pfaults_delivered += 1;
+                if let Some((gva, _)) = self.awaiting_injection.take() {
+                    if let Some(halt) = self.ready_before_injection.take() {
+                        self.apf_halts -= 1;
+                        self.halted_seconds = (self.halted_seconds - halt).max(0.0);
+                        self.pfaults_delivered += 1;
+                    } else if self.pending.get(&gva) == Some(&true) {
+                        self.set_halted(gva, false);
+                        self.pfaults_delivered += 1;
+                    }
                 }
             }
             (REPEATED, Some(gva)) => self.set_halted(gva, true),
+            // KVM sends a wake-all after every enabling write of MSR_KVM_ASYNC_PF_EN; the
+            // disable before it dropped the completions of every fault still pending, so those
+            // faults are over (a halted one ends its halt).
+            (READY, _) if token == Some(WAKE_ALL_TOKEN) => {
+                self.apf_halts += self.open;
+                self.open = 0;
+                self.pending.clear();
+            }
             // The fault is done either way; only a halted one ends a halt.
             (READY, Some(gva)) if self.pending.remove(&gva) == Some(true) => {
                 self.open -= 1;
                 self.apf_halts += 1;
+                if let Some((awaited, since)) = self.awaiting_injection
+                    && awaited == gva
+                {
+                    self.ready_before_injection = Some((time - since).max(0.0));
+                }
             }
             _ => {}
         }
@@ -171,6 +212,8 @@ pub struct TraceCounts {
     vcpus: BTreeMap<usize, VcpuTrace>,
     /// The newest event's time (trace clock, seconds): "now" for halts still going on.
     last_seen: f64,
+    /// Events the ring buffer dropped (overwritten before they were read, or not recorded).
+    lost_events: u64,
 }
 
 /// "<comm>-<pid> [cpu] flags seconds: event: details" → (comm, pid, seconds, event, details).
@@ -183,9 +226,9 @@ fn parse_line(line: &str) -> Option<(&str, i32, f64, &str, &str)> {
     Some((comm, pid.parse().ok()?, seconds, event, details))
 }
 
-/// The `gva` of an event's details (`gva 0x..` or `gva = 0x..`).
-fn gva(details: &str) -> Option<u64> {
-    let after = details.split_once("gva")?.1.trim_start_matches([' ', '=']);
+/// The hex value of `key` in an event's details (`gva 0x..`, `gva = 0x..`, `token 0x..`).
+fn hex_field(details: &str, key: &str) -> Option<u64> {
+    let after = details.split_once(key)?.1.trim_start_matches([' ', '=']);
     let hex = after.split([' ', ',']).next()?.strip_prefix("0x")?;
     u64::from_str_radix(hex, 16).ok()
 }
@@ -211,34 +254,54 @@ impl TraceCounts {
         }
         self.last_seen = self.last_seen.max(time);
         *self.events.entry(event).or_default() += 1;
-        self.vcpus
-            .entry(vcpu)
-            .or_default()
-            .record(event, time, gva(details));
+        self.vcpus.entry(vcpu).or_default().record(
+            event,
+            time,
+            hex_field(details, "gva"),
+            hex_field(details, "token"),
+        );
     }
 
     pub fn get(&self, event: &str) -> u64 {
         self.events.get(event).copied().unwrap_or(0)
     }
 
-    /// What the trace said about vCPU `index`, up to the newest event.
-    pub fn vcpu(&self, index: usize) -> VcpuFaults {
-        self.vcpus
-            .get(&index)
-            .map(|v| v.faults(self.last_seen))
-            .unwrap_or_default()
+    /// Events the trace lost: while this is above 0 its classification cannot be trusted.
+    pub fn lost_events(&self) -> u64 {
+        self.lost_events
     }
 
-    /// The raw counts, the totals and one entry per vCPU seen.
+    /// What the trace said about vCPU `index`, up to the newest event; None once events were
+    /// lost (the classification would be wrong).
+    pub fn vcpu(&self, index: usize) -> Option<VcpuFaults> {
+        if self.lost_events > 0 {
+            return None;
+        }
+        Some(
+            self.vcpus
+                .get(&index)
+                .map(|v| v.faults(self.last_seen))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The raw counts, the totals and one entry per vCPU seen; with lost events, only the raw
+    /// counts and how many were lost.
     pub fn json(&self) -> Value {
         let mut events = serde_json::Map::new();
         for e in EVENTS {
             events.insert(e.to_string(), json!(self.get(e)));
         }
+        if self.lost_events > 0 {
+            return json!({
+                "lost_events": self.lost_events,
+                "events": Value::Object(events),
+            });
+        }
         let mut total = VcpuFaults::default();
         let mut vcpus = Vec::new();
-        for &index in self.vcpus.keys() {
-            let f = self.vcpu(index);
+        for (&index, trace) in &self.vcpus {
+            let f = trace.faults(self.last_seen);
             total.async_faults += f.async_faults;
             total.pfaults_delivered += f.pfaults_delivered;
             total.apf_halts += f.apf_halts;
@@ -249,6 +312,7 @@ impl TraceCounts {
             vcpus.push(line);
         }
         let mut all = total.json();
+        all["lost_events"] = json!(0);
         all["events"] = Value::Object(events);
         all["vcpus"] = Value::Array(vcpus);
         all
@@ -294,6 +358,13 @@ impl KvmTrace {
             stop: Arc::new(AtomicBool::new(false)),
             reader: None,
         };
+        for (file, value) in [
+            ("trace_clock", TRACE_CLOCK),
+            ("buffer_size_kb", BUFFER_SIZE_KB),
+        ] {
+            let path = instance.join(file);
+            std::fs::write(&path, value).map_err(io_err("setting", &path))?;
+        }
         let filter = instance.join("events/kvm").join(INJECT).join("filter");
         std::fs::write(&filter, INJECT_FILTER).map_err(io_err("filtering", &filter))?;
         for event in EVENTS {
@@ -307,12 +378,13 @@ impl KvmTrace {
             .open(&pipe_path)
             .map_err(io_err("opening", &pipe_path))?;
         let (counts, stop) = (trace.counts.clone(), trace.stop.clone());
+        let per_cpu = instance.join("per_cpu");
         trace.reader = Some(
             std::thread::Builder::new()
                 .name("kvm-trace".into())
                 .spawn(move || {
                     match crate::seccomp::confine(crate::seccomp::ThreadKind::KvmTrace) {
-                        Ok(()) => read_pipe(pipe, &counts, &stop),
+                        Ok(()) => read_pipe(pipe, &per_cpu, &counts, &stop),
                         Err(e) => log::error!("kvm-trace: {e}; no trace counts"),
                     }
                 })
@@ -366,7 +438,30 @@ fn our_threads() -> HashSet<i32> {
         .unwrap_or_default()
 }
 
-fn read_pipe(mut pipe: File, counts: &Mutex<TraceCounts>, stop: &AtomicBool) {
+/// Events the instance's ring buffers lost so far, from each host CPU's `stats`.
+fn lost_events(per_cpu: &Path) -> u64 {
+    let Ok(cpus) = std::fs::read_dir(per_cpu) else {
+        return 0;
+    };
+    cpus.filter_map(|cpu| std::fs::read_to_string(cpu.ok()?.path().join("stats")).ok())
+        .map(|stats| lost_in_stats(&stats))
+        .sum()
+}
+
+/// `overrun` (overwritten before read) plus `dropped events` (not recorded) of one `stats`.
+fn lost_in_stats(stats: &str) -> u64 {
+    stats
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            matches!(key.trim(), "overrun" | "dropped events")
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+fn read_pipe(mut pipe: File, per_cpu: &Path, counts: &Mutex<TraceCounts>, stop: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut partial = String::new();
     let mut threads = our_threads();
@@ -410,6 +505,8 @@ fn read_pipe(mut pipe: File, counts: &Mutex<TraceCounts>, stop: &AtomicBool) {
                 Err(_) => break,
             }
         }
+        let lost = lost_events(per_cpu);
+        counts.lock().unwrap_or_else(|e| e.into_inner()).lost_events = lost;
         if stopping {
             return;
         }
@@ -458,7 +555,7 @@ mod tests {
         assert_eq!(j["apf_halts"], 2, "{j}");
         assert_eq!(j["events"]["kvm_async_pf_completed"], 1);
         assert_eq!(j["events"]["kvm_async_pf_ready"], 4);
-        let (v0, v1) = (c.vcpu(0), c.vcpu(1));
+        let (v0, v1) = (c.vcpu(0).unwrap(), c.vcpu(1).unwrap());
         assert_eq!(
             (v0.async_faults, v0.pfaults_delivered, v0.apf_halts),
             (2, 2, 1)
@@ -480,5 +577,79 @@ mod tests {
             "{j}"
         );
         assert_eq!(j["vcpus"][1]["vcpu"], 1);
+    }
+
+    /// A wake-all ends every fault still pending on its vCPU: KVM dropped their completions
+    /// when the guest disabled async PF before enabling it again.
+    #[test]
+    fn a_wake_all_clears_the_faults_pending_on_its_vcpu() {
+        let mut c = TraceCounts::default();
+        let mut ours = |_| true;
+        for line in [
+            "  vcpu0-1 [001] d..1. 1.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
+            "  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+            "  vcpu0-1 [001] d..1. 1.000: kvm_inj_exception: #PF (0x0)",
+            "  vcpu0-1 [001] d..1. 1.001: kvm_try_async_get_page: gva = 0x2000, gfn = 0x2",
+            "  vcpu0-1 [001] d..1. 1.001: kvm_async_pf_not_present: token 0x2000 gva 0x2000",
+            "  vcpu0-1 [001] d..1. 1.003: kvm_async_pf_ready: token 0xffffffff gva 0x0",
+            "  vcpu0-1 [001] d..1. 1.500: kvm_exit: reason IO",
+        ] {
+            c.count_line(line, &mut ours);
+        }
+        let v0 = c.vcpu(0).unwrap();
+        assert_eq!(
+            (v0.pfaults_delivered, v0.apf_halts, v0.apf_halts_open),
+            (1, 1, 0)
+        );
+        assert!((v0.apf_halt_seconds - 0.002).abs() < 1e-9, "{v0:?}");
+    }
+
+    /// A trace that lost events reports how many and no classification.
+    #[test]
+    fn lost_events_are_counted_from_stats_and_withhold_the_classification() {
+        let stats = "entries: 12\noverrun: 3\ncommit overrun: 0\nbytes: 900\n\
+                     oldest event ts: 1.0\nnow ts: 2.0\ndropped events: 2\nread events: 40\n";
+        assert_eq!(lost_in_stats(stats), 5);
+        let mut c = TraceCounts::default();
+        c.count_line(
+            "  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+            &mut |_| true,
+        );
+        assert!(c.vcpu(0).is_some());
+        assert_eq!(c.json()["lost_events"], 0);
+        c.lost_events = 5;
+        assert!(c.vcpu(0).is_none());
+        let j = c.json();
+        assert_eq!(j["lost_events"], 5);
+        assert!(j.get("pfaults_delivered").is_none(), "{j}");
+        assert_eq!(j["events"][NOT_PRESENT], 1);
+    }
+
+    /// A vCPU thread that lost its host CPU right after KVM queued the "not present" #PF: on
+    /// the next entry KVM first completes the page (ready), then injects the #PF. The guest
+    /// still got a pfault.
+    #[test]
+    fn an_injection_after_its_page_came_is_still_a_delivered_pfault() {
+        let mut c = TraceCounts::default();
+        let mut ours = |_| true;
+        for line in [
+            "  vcpu0-1 [000] ..... 923.010438: kvm_try_async_get_page: gva = 0x2002000, gfn = 0x2002",
+            "  vcpu0-1 [000] ..... 923.010439: kvm_async_pf_not_present: token 0x9000 gva 0x2002000",
+            "  vcpu0-1 [000] ..... 923.012713: kvm_async_pf_ready: token 0x9000 gva 0x2002000",
+            "  vcpu0-1 [000] ..... 923.012715: kvm_inj_exception: #PF (0x0)",
+            "  vcpu0-1 [000] ..... 923.012943: kvm_try_async_get_page: gva = 0x202f000, gfn = 0x202f",
+            "  vcpu0-1 [000] ..... 923.012943: kvm_async_pf_not_present: token 0xa000 gva 0x202f000",
+            "  vcpu0-1 [000] ..... 923.013000: kvm_async_pf_ready: token 0xa000 gva 0x202f000",
+            "  vcpu0-1 [000] ..... 923.014000: kvm_try_async_get_page: gva = 0x2030000, gfn = 0x2030",
+        ] {
+            c.count_line(line, &mut ours);
+        }
+        let v0 = c.vcpu(0).unwrap();
+        // The second fault was never injected: a halt that its page ended.
+        assert_eq!(
+            (v0.async_faults, v0.pfaults_delivered, v0.apf_halts),
+            (2, 1, 1)
+        );
+        assert!((v0.apf_halt_seconds - 0.000057).abs() < 1e-9, "{v0:?}");
     }
 }

@@ -315,7 +315,7 @@ fn metrics_sampler(
         let vcpus: Vec<serde_json::Value> = vcpus
             .iter()
             .enumerate()
-            .map(|(i, m)| m.json(i, counts.as_ref().map(|c| c.vcpu(i))))
+            .map(|(i, m)| m.json(i, counts.as_ref().and_then(|c| c.vcpu(i))))
             .collect();
         let pager = pager
             .as_ref()
