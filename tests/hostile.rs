@@ -69,17 +69,36 @@ fn run_guest(guest_cmdline: &str) -> Option<(Run, serde_json::Value, serde_json:
     Some((run, result, report))
 }
 
-/// Spawns a guest that will not finish by itself, waits until its console shows `ready` (it
-/// is misbehaving by then), then stops apfvm with SIGTERM: it must exit 143 within its stop
-/// budget (apfvm's own: a stop it cannot finish in time is an error, exit 1) and still write
-/// the pager's summary. Returns the run.
-fn stop_with_sigterm(guest_cmdline: &str, ready: &str) -> Option<Run> {
+/// When a guest that will not finish is misbehaving.
+enum Ready<'a> {
+    /// Its console shows this.
+    Console(&'a str),
+    /// The pager has evicted pages at its request.
+    PagesEvicted,
+}
+
+/// Spawns a guest that will not finish by itself, waits until it is misbehaving (`ready`),
+/// then stops apfvm with SIGTERM: it must exit 143 within its stop budget (apfvm's own: a
+/// stop it cannot finish in time is an error, exit 1) and still write the pager's summary.
+/// Returns the run.
+fn stop_with_sigterm(guest_cmdline: &str, ready: Ready) -> Option<Run> {
     if !kvm_available() {
         return None;
     }
     let _one_at_a_time = exclusive();
-    let vm = watch(&args(guest_cmdline));
-    vm.wait_for_stdout(ready, LIMIT);
+    let metrics = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    let mut args = args(guest_cmdline);
+    let metrics_path = metrics.as_path().to_str().unwrap();
+    args.extend_from_slice(&["--metrics-file", metrics_path, "--metrics-interval", "20ms"]);
+    let vm = watch(&args);
+    match ready {
+        Ready::Console(line) => vm.wait_for_stdout(line, LIMIT),
+        Ready::PagesEvicted => vm.wait_for_metrics(metrics.as_path(), LIMIT, |lines| {
+            lines
+                .iter()
+                .any(|l| l["pager"]["pages_evicted"].as_u64() > Some(0))
+        }),
+    }
     vm.signal(libc::SIGTERM);
     let run = vm.finish(LIMIT);
     assert_no_panic(&run);
@@ -170,7 +189,7 @@ fn page_ready_never_acknowledged_still_completes_one_fault_at_a_time() {
 #[test]
 fn page_ready_never_eoid_guest_is_stopped_by_sigterm() {
     let cmdline = "hostile=no-eoi pages=512 touchers=2 busy=1 timeout_s=600";
-    stop_with_sigterm(cmdline, "apfvm-ref: workload ");
+    stop_with_sigterm(cmdline, Ready::Console("apfvm-ref: workload "));
 }
 
 /// Case 3: 10,000 disable + enable pairs of MSR_KVM_ASYNC_PF_EN, in bursts of 100 right
@@ -229,7 +248,7 @@ fn vcpu_spinning_with_interrupts_off_while_faults_pend_loses_nothing() {
 #[test]
 fn vcpu_spinning_with_interrupts_off_is_stopped_by_sigterm() {
     let cmdline = "hostile=cli-spin spin_ms=100000 pages=512 touchers=2 busy=1 timeout_s=600";
-    stop_with_sigterm(cmdline, "spinning with IF=0");
+    stop_with_sigterm(cmdline, Ready::Console("spinning with IF=0"));
 }
 
 /// Case 5, the fuzz target's seeds (fuzz/corpus/apf_msrs: outside-RAM and reserved-bit
@@ -290,7 +309,7 @@ fn vcpu_livelocked_inside_kvm_run_is_stopped_by_sigterm() {
     let cmdline = vmm::reference_guest::msr_script_cmdline(&script).unwrap();
     let cmdline = format!("{cmdline} msr_refused=keep timeout_s=600");
     // The eviction between the passes: the next touch of the region livelocks the vCPU.
-    let Some(run) = stop_with_sigterm(&cmdline, "apfvm-ref: evict: ") else {
+    let Some(run) = stop_with_sigterm(&cmdline, Ready::PagesEvicted) else {
         return;
     };
     assert!(

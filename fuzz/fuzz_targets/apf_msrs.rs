@@ -41,7 +41,7 @@ fuzz_target!(|script: &[u8]| {
         .into_config(Some(guest))
         .expect("a valid VM configuration");
     // In-process confinement would outlive the VM (seccomp filters stay): --no-seccomp.
-    match vm::run(&config, "/dev/kvm") {
+    match vm::run(config, "/dev/kvm") {
         Ok(VmOutcome::GuestExit(0)) => {}
         other => panic!("MSR script {cmdline}: the VM ended with {other:?}"),
     }

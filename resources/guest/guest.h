@@ -666,6 +666,8 @@ void boot_report(u32 cpus_up, u32 exit_code, bool hold) __noreturn;
 __noreturn void workload_finish(u32 forced_code, const char *forced_reason);
 extern u32 exit_code_pass;
 extern bool hold_after_result;
+extern bool chatter;
+__noreturn void hold_forever(void);
 
 void toucher_main(struct task *t);
 void busy_main(struct task *t);

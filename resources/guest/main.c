@@ -80,6 +80,8 @@ static void parse_cmdline(struct boot_options *opt)
 			wl.fail_data = true;	/* checked by the workload (user.c) */
 		} else if (str_equal(word, len, "hold")) {
 			opt->hold = true;
+		} else if (str_equal(word, len, "chatter")) {
+			chatter = true;	/* with hold: print lines forever (workload.c) */
 		} else if (str_has_prefix(word, len, "fail=")) {
 			fail(EXIT_BAD_BOOT, "unknown fail= mode in the command line");
 		} else if (hostile_parse_word(word, len)) {

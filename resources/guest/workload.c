@@ -16,6 +16,20 @@ struct workload wl = {
 
 u32 exit_code_pass;
 bool hold_after_result;
+bool chatter;
+
+/*
+ * hold: only the VMM (a signal to it) ends the VM now. With `chatter` the CPU prints lines
+ * forever instead of halting: a guest whose console output the host may not keep up with.
+ */
+__noreturn void hold_forever(void)
+{
+	kprintf("apfvm-ref: holding\n");
+	for (u64 line = 0; chatter; line++)
+		kprintf("apfvm-ref: chatter %lu ........................................"
+			"........................................\n", line);
+	halt_forever();
+}
 static u64 start_tsc;
 
 /* One command-line word; false if it is not one of ours. Bad values fail (code 2). */
@@ -169,11 +183,8 @@ __noreturn void boot_report(u32 n, u32 code, bool hold)
 	if (hostile.mode)
 		hostile_report(n);
 	kprintf("APFVM-RESULT {\"verdict\":\"pass\",\"cpus\":%u}\n", n);
-	if (hold) {
-		/* Only the VMM (a signal to it) ends the VM now. */
-		kprintf("apfvm-ref: holding\n");
-		halt_forever();
-	}
+	if (hold)
+		hold_forever();
 	guest_exit(code);
 }
 
@@ -310,9 +321,7 @@ __noreturn void workload_finish(u32 forced_code, const char *forced_reason)
 		       tot.offline_cycles, tot.parked_at_offline, tsc_khz, elapsed / tsc_khz);
 	console_unlock();
 
-	if (hold_after_result) {
-		kprintf("apfvm-ref: holding\n");
-		halt_forever();
-	}
+	if (hold_after_result)
+		hold_forever();
 	guest_exit(code);
 }

@@ -234,10 +234,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 
 impl Settings {
     pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        let read_err = |source| ConfigError::ReadFile {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        check_readable_file(path).map_err(read_err)?;
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
         toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -407,13 +409,27 @@ fn check_kernel_format(path: &Path) -> Result<(), ConfigError> {
     }
 }
 
-/// Fails early, with the OS's reason, on a missing, unreadable or non-regular file.
-fn check_readable_file(path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_dir() {
+/// Fails early, with the OS's reason, on a missing or unreadable file, and on anything that
+/// cannot be read as a plain file: a directory, a FIFO (reading it could wait forever), a
+/// socket or a device.
+pub fn check_readable_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path)?.file_type();
+    let what = if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else if kind.is_char_device() || kind.is_block_device() {
+        Some("a device")
+    } else {
+        None
+    };
+    if let Some(what) = what {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "is a directory, not a file",
+            format!("is {what}, not a regular file"),
         ));
     }
     std::fs::File::open(path).map(drop)
@@ -507,7 +523,29 @@ mod tests {
                 .contains("/nonexistent/vmlinux")
         );
         assert!(with(&|s| s.kernel = Some("/".into())).contains("directory"));
-        assert!(with(&|s| s.kernel = Some("/dev/null".into())).contains("neither an ELF"));
+        assert!(
+            with(&|s| s.kernel = Some("/dev/null".into()))
+                .contains("/dev/null: is a device, not a regular file")
+        );
+        let fifo = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let fifo = fifo.as_path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        for set in [
+            &(|s: &mut Settings, p: &Path| s.kernel = Some(p.into()))
+                as &dyn Fn(&mut Settings, &Path),
+            &|s, p| s.initrd = Some(p.into()),
+            &|s, p| {
+                s.pager = Some(PagerKind::Uffd);
+                s.memory_image = Some(p.into())
+            },
+        ] {
+            let err = with(&|s| set(s, &fifo));
+            assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+        }
+        let err = Settings::from_toml_file(&fifo).unwrap_err().to_string();
+        assert!(err.contains("is a FIFO, not a regular file"), "{err}");
         assert!(with(&|s| s.initrd = Some("/nonexistent/initrd".into())).contains("initrd"));
         assert!(with(&|s| s.cpu_features = Some("-bogus".into())).contains("bogus"));
         assert!(with(&|s| s.cmdline = Some("x".repeat(5000))).contains("command line"));

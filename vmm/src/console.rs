@@ -1,13 +1,21 @@
 //! The host side of the serial console: stdin → guest UART input (through the event loop),
-//! with the terminal in raw mode while the VM runs so that keys reach the guest unchanged.
+//! with the terminal in raw mode while the VM runs so that keys reach the guest unchanged;
+//! guest output → a bounded buffer → stdout (drained by the event loop), so that no write to
+//! a terminal or pipe ever blocks a vCPU or the VM's teardown. apfvm's own stderr goes
+//! through the same kind of non-blocking writer.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use devices::SerialConsole;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::terminal::Terminal;
 
 /// Puts stdin in raw mode for the life of this guard when it is a terminal.
@@ -105,6 +113,344 @@ impl MutEventSubscriber for SerialInput {
                 log::warn!("serial input stopped: {e}");
                 let _ = ops.remove(events);
             }
+        }
+    }
+}
+
+/// Where a host stream (stdout, stderr) really goes, so that writing to it never blocks.
+enum Sink {
+    /// A pipe, FIFO or terminal reopened through /proc with O_NONBLOCK: a description of our
+    /// own, so the flag does not leak to whoever shares the original one.
+    Reopened(std::fs::File),
+    /// A socket: each send says MSG_DONTWAIT.
+    Socket(RawFd),
+    /// A regular file (writes do not wait for a reader) or whatever could not be reopened.
+    Plain(RawFd),
+}
+
+/// A host output stream that never blocks its caller: what cannot be written now is left to
+/// the caller (`try_write`) or dropped and counted (`Write`).
+pub struct HostOutput {
+    sink: Sink,
+    dropped: AtomicU64,
+}
+
+impl HostOutput {
+    fn open(fd: RawFd) -> HostOutput {
+        // SAFETY: fstat of a raw fd with a valid out-pointer; the result is checked.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mode = if unsafe { libc::fstat(fd, &mut st) } == 0 {
+            st.st_mode & libc::S_IFMT
+        } else {
+            0
+        };
+        let sink = match mode {
+            libc::S_IFSOCK => Sink::Socket(fd),
+            libc::S_IFIFO | libc::S_IFCHR => std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(format!("/proc/self/fd/{fd}"))
+                .map_or(Sink::Plain(fd), Sink::Reopened),
+            _ => Sink::Plain(fd),
+        };
+        HostOutput {
+            sink,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match &self.sink {
+            Sink::Reopened(file) => file.as_raw_fd(),
+            Sink::Socket(fd) | Sink::Plain(fd) => *fd,
+        }
+    }
+
+    /// Writes what fits now; Ok(0) when the stream would block.
+    pub fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        let fd = self.fd();
+        loop {
+            // SAFETY: writes at most `buf.len()` bytes from a valid buffer to an open fd.
+            let n = unsafe {
+                match self.sink {
+                    Sink::Socket(_) => {
+                        libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    }
+                    _ => libc::write(fd, buf.as_ptr().cast(), buf.len()),
+                }
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = std::io::Error::last_os_error();
+            match err.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Writes all of `buf` unless `deadline` passes first; returns whether it all went.
+    pub fn write_until(&self, mut buf: &[u8], deadline: Instant) -> bool {
+        while !buf.is_empty() {
+            match self.try_write(buf) {
+                Ok(0) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !self.wait_writable(left) {
+                        return false;
+                    }
+                }
+                Ok(n) => buf = &buf[n..],
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Waits until the stream takes more output, at most `timeout`.
+    fn wait_writable(&self, timeout: Duration) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        }];
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) > 0 }
+    }
+
+    /// Bytes dropped because the stream would have blocked.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Log lines and panic reports: what the stream cannot take now is dropped (and counted),
+/// never waited for.
+impl Write for &HostOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.try_write(buf)? {
+            0 => {
+                self.dropped.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                Ok(buf.len())
+            }
+            n => Ok(n),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// apfvm's stdout, where the guest's console goes.
+pub fn stdout() -> &'static HostOutput {
+    static OUT: OnceLock<HostOutput> = OnceLock::new();
+    OUT.get_or_init(|| HostOutput::open(libc::STDOUT_FILENO))
+}
+
+/// apfvm's stderr: logs, panic reports, summaries.
+pub fn stderr() -> &'static HostOutput {
+    static ERR: OnceLock<HostOutput> = OnceLock::new();
+    ERR.get_or_init(|| HostOutput::open(libc::STDERR_FILENO))
+}
+
+/// Room for guest console output the host has not taken yet.
+pub const CONSOLE_BUFFER_BYTES: usize = 256 << 10;
+
+/// The guest's console output on its way to the host: the UART (on a vCPU thread) appends,
+/// the main thread's event loop drains. When the host stops taking output (a stalled pipe),
+/// the buffer fills and further bytes are dropped and counted: a vCPU never waits for the
+/// host's terminal.
+pub struct ConsoleOutput {
+    queue: Mutex<VecDeque<u8>>,
+    dropped: AtomicU64,
+    /// Readable while output waits; the event loop listens on it.
+    pub pending: EventFd,
+}
+
+impl ConsoleOutput {
+    pub fn new() -> std::io::Result<ConsoleOutput> {
+        Ok(ConsoleOutput {
+            queue: Mutex::new(VecDeque::new()),
+            dropped: AtomicU64::new(0),
+            pending: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = queue.is_empty();
+        let room = CONSOLE_BUFFER_BYTES.saturating_sub(queue.len());
+        let taken = room.min(bytes.len());
+        queue.extend(&bytes[..taken]);
+        drop(queue);
+        if taken < bytes.len() {
+            self.dropped
+                .fetch_add((bytes.len() - taken) as u64, Ordering::Relaxed);
+        }
+        if was_empty && taken > 0 {
+            let _ = self.pending.write(1);
+        }
+    }
+
+    /// Writes what `out` takes now; returns whether output is still waiting.
+    pub fn drain_to(&self, out: &HostOutput) -> bool {
+        let _ = self.pending.read();
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while !queue.is_empty() {
+            let (front, _) = queue.as_slices();
+            match out.try_write(front) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    queue.drain(..n);
+                }
+                // Nobody to write to (closed pipe, full disk): the output is lost, as on a
+                // UART with nothing attached.
+                Err(_) => {
+                    let lost = queue.len() as u64;
+                    queue.clear();
+                    self.dropped.fetch_add(lost, Ordering::Relaxed);
+                }
+            }
+        }
+        false
+    }
+
+    /// Writes out what is left, waiting for `out` at most until `deadline`; the rest is
+    /// dropped and counted.
+    pub fn flush_until(&self, out: &HostOutput, deadline: Instant) {
+        let bytes: Vec<u8> = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        if !out.write_until(&bytes, deadline) {
+            // Some of it may have gone; count it all as not delivered in full.
+            self.dropped
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Everything waiting, taken out (for a caller that reads the console itself).
+    pub fn take(&self) -> Vec<u8> {
+        let _ = self.pending.read();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    /// Bytes the guest wrote that the host never took.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The UART's output.
+    pub fn writer(self: &Arc<Self>) -> Box<dyn Write + Send> {
+        Box::new(ConsoleWriter(self.clone()))
+    }
+}
+
+struct ConsoleWriter(Arc<ConsoleOutput>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Drains the guest's console output to stdout from the event loop, waiting for stdout to
+/// take more (EPOLLOUT) only while output is held back.
+pub struct ConsoleDrain {
+    output: Arc<ConsoleOutput>,
+    waiting_for_stdout: bool,
+}
+
+impl ConsoleDrain {
+    pub fn new(output: Arc<ConsoleOutput>) -> Self {
+        ConsoleDrain {
+            output,
+            waiting_for_stdout: false,
+        }
+    }
+
+    fn drain(&mut self, ops: &mut EventOps) {
+        let out = stdout();
+        let held_back = self.output.drain_to(out);
+        let watch = Events::new_raw(out.fd(), EventSet::OUT);
+        if held_back && !self.waiting_for_stdout {
+            // A regular file never holds output back, and epoll refuses one: only pipes,
+            // terminals and sockets get here.
+            self.waiting_for_stdout = ops.add(watch).is_ok();
+        } else if !held_back && self.waiting_for_stdout {
+            let _ = ops.remove(watch);
+            self.waiting_for_stdout = false;
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleDrain {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.output.pending, EventSet::IN)) {
+            log::warn!("guest console output disabled: cannot watch its buffer: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, ops: &mut EventOps) {
+        self.drain(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_output_is_bounded_and_counts_what_it_drops() {
+        let out = Arc::new(ConsoleOutput::new().unwrap());
+        let mut w = out.writer();
+        w.write_all(b"hello ").unwrap();
+        assert_eq!(
+            out.pending.read().unwrap(),
+            1,
+            "the first byte wakes the drain"
+        );
+        w.write_all(&vec![b'x'; CONSOLE_BUFFER_BYTES]).unwrap();
+        assert_eq!(out.dropped(), 6);
+        let taken = out.take();
+        assert_eq!(taken.len(), CONSOLE_BUFFER_BYTES);
+        assert!(taken.starts_with(b"hello x"));
+    }
+
+    #[test]
+    fn a_stalled_pipe_holds_output_back_without_blocking() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let host = HostOutput::open(fds[1]);
+        let out = Arc::new(ConsoleOutput::new().unwrap());
+        let mut w = out.writer();
+        // More than a pipe holds (64 KiB): the drain writes what fits and keeps the rest.
+        w.write_all(&vec![b'y'; 200 << 10]).unwrap();
+        assert!(out.drain_to(&host), "held back");
+        let start = Instant::now();
+        out.flush_until(&host, Instant::now() + Duration::from_millis(50));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(out.dropped() > 0);
+        // SAFETY: closing the two pipe ends made above.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
         }
     }
 }

@@ -17,9 +17,9 @@ pub mod metrics;
 pub mod pager;
 pub mod reference_guest;
 pub mod seccomp;
+pub mod thread;
 pub mod vcpu;
 pub mod vm;
-pub mod vm_stop;
 
 /// The project's reference guest, built from resources/guest by build.rs.
 pub const REFERENCE_GUEST: &[u8] = include_bytes!(env!("APFVM_REFERENCE_GUEST"));

@@ -126,7 +126,13 @@ fn run(
     builtin: Option<KernelImage>,
 ) -> Result<VmOutcome, Box<dyn std::error::Error>> {
     let config = args.settings()?.into_config(builtin)?;
-    Ok(vm::run(&config, &args.kvm_device)?)
+    Ok(vm::run(config, &args.kvm_device)?)
+}
+
+/// Says what went wrong on stderr, waiting for a stalled stderr no longer than a VM's stop.
+fn report_error(e: &dyn std::fmt::Display) {
+    let deadline = std::time::Instant::now() + vm::STOP_BUDGET;
+    vmm::console::stderr().write_until(format!("apfvm: error: {e}\n").as_bytes(), deadline);
 }
 
 fn main() -> ExitCode {
@@ -134,8 +140,10 @@ fn main() -> ExitCode {
     // all but stdin, stdout and stderr before anything is opened.
     // SAFETY: nothing in this process has opened a descriptor yet that it would miss.
     unsafe { libc::close_range(3, u32::MAX, 0) };
+    // Logs never wait for a stderr nobody reads: what it cannot take is dropped.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
+        .target(env_logger::Target::Pipe(Box::new(vmm::console::stderr())))
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -143,7 +151,7 @@ fn main() -> ExitCode {
             return match bench(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("apfvm: error: {e}");
+                    report_error(&e);
                     ExitCode::FAILURE
                 }
             };
@@ -161,8 +169,9 @@ fn main() -> ExitCode {
         Ok(VmOutcome::GuestReset) => ExitCode::SUCCESS,
         Ok(VmOutcome::GuestExit(code)) => ExitCode::from(code),
         Ok(VmOutcome::Signal(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+        Ok(VmOutcome::Stopped) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("apfvm: error: {e}");
+            report_error(&e);
             ExitCode::FAILURE
         }
     }

@@ -124,17 +124,61 @@ struct WriterState {
 /// summary when stopped.
 pub struct MetricsWriter {
     state: Arc<WriterState>,
-    thread: Option<JoinHandle<std::io::Result<()>>>,
+    thread: Option<JoinHandle<Option<std::io::Result<()>>>>,
     failed: Arc<AtomicBool>,
 }
 
+/// Opens (creating or truncating) the metrics file. Only a regular file will do: a FIFO
+/// nobody reads, a socket or a device would block the writer, or the open itself.
+pub fn open_metrics_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let not_regular = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {what}, not a regular file"),
+        )
+    };
+    let kind = |t: std::fs::FileType| {
+        if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else if t.is_char_device() || t.is_block_device() {
+            Some("a device")
+        } else if t.is_dir() {
+            Some("a directory")
+        } else {
+            None
+        }
+    };
+    if let Ok(meta) = std::fs::metadata(path)
+        && let Some(what) = kind(meta.file_type())
+    {
+        return Err(not_regular(what));
+    }
+    // O_NONBLOCK: should a FIFO appear between the check and the open, the open fails
+    // instead of waiting for a reader.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if let Some(what) = kind(file.metadata()?.file_type()) {
+        return Err(not_regular(what));
+    }
+    Ok(file)
+}
+
 impl MetricsWriter {
+    /// Starts writing to `file` (see `open_metrics_file`); a writer that fails reports to
+    /// `on_failure`.
     pub fn start(
-        path: &Path,
+        mut file: File,
         interval: Duration,
         sample: Sampler,
+        on_failure: crate::thread::FailureReport,
     ) -> std::io::Result<MetricsWriter> {
-        let mut file = File::create(path)?;
         let state = Arc::new(WriterState {
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -142,13 +186,11 @@ impl MetricsWriter {
         let failed = Arc::new(AtomicBool::new(false));
         let (st, fl) = (state.clone(), failed.clone());
         let start = Instant::now();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::confine(crate::seccomp::ThreadKind::Metrics) {
-                    fl.store(true, Ordering::Relaxed);
-                    return Err(std::io::Error::other(e.to_string()));
-                }
+        let thread = crate::thread::spawn(
+            "metrics",
+            crate::seccomp::ThreadKind::Metrics,
+            on_failure,
+            move || {
                 let mut stopped = st.stop.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let (guard, _) = st
@@ -168,7 +210,8 @@ impl MetricsWriter {
                         return Ok(());
                     }
                 }
-            })?;
+            },
+        )?;
         Ok(MetricsWriter {
             state,
             thread: Some(thread),
@@ -176,13 +219,13 @@ impl MetricsWriter {
         })
     }
 
-    /// Writes the final summary and waits for it to be on disk.
+    /// Writes the final summary and waits for it to be written.
     pub fn finish(mut self) -> std::io::Result<()> {
         *self.state.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.state.wake.notify_all();
         match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(std::io::Error::other("metrics thread panicked")),
+            Some(Ok(Some(result))) => result,
+            Some(_) => Err(std::io::Error::other("the metrics thread failed")),
             None => Ok(()),
         }
     }
@@ -216,12 +259,16 @@ mod tests {
         let n = Arc::new(AtomicU64::new(0));
         let n2 = n.clone();
         let w = MetricsWriter::start(
-            f.as_path(),
+            open_metrics_file(f.as_path()).unwrap(),
             Duration::from_millis(10),
             Box::new(move || json!({ "n": n2.fetch_add(1, Ordering::Relaxed) })),
+            Arc::new(|m| panic!("{m}")),
         )
         .unwrap();
-        std::thread::sleep(Duration::from_millis(55));
+        // Three samples taken: at least two interval lines are on their way.
+        while n.load(Ordering::Relaxed) < 3 {
+            std::thread::yield_now();
+        }
         w.finish().unwrap();
         let text = std::fs::read_to_string(f.as_path()).unwrap();
         let lines: Vec<Value> = text
@@ -229,6 +276,12 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert!(lines.len() >= 3, "{text}");
+        assert!(
+            open_metrics_file(Path::new("/dev/null"))
+                .unwrap_err()
+                .to_string()
+                .contains("a device, not a regular file")
+        );
         assert!(
             lines[..lines.len() - 1]
                 .iter()

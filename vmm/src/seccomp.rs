@@ -200,6 +200,10 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_epoll_pwait,
             libc::SYS_read,
             libc::SYS_tgkill,
+            // Console output without blocking: waiting for a stalled stdout with a deadline,
+            // and a socket as stdout.
+            libc::SYS_poll,
+            libc::SYS_sendto,
             // Teardown: the kvm-trace instance is read one last time and removed.
             libc::SYS_openat,
             libc::SYS_newfstatat,

@@ -1,13 +1,13 @@
-//! One vCPU: its setup (CPUID, MSRs, local APIC, boot registers for the boot vCPU) and the
-//! KVM_RUN loop that runs on its own thread and dispatches exits to the I/O bus.
+//! One vCPU: its setup (CPUID, MSRs, local APIC, boot registers for the boot vCPU) and one
+//! step of its KVM_RUN loop, which dispatches exits to the I/O bus and reports what happened
+//! (`VcpuAction`); the VM, which owns the vCPU's thread, decides what to do about it.
 //!
-//! Stopping: the VM sets a stop flag and sends the vCPU thread `SIGRTMIN`. The signal handler
-//! sets `kvm_run.immediate_exit` on the thread it interrupts, so the vCPU leaves KVM_RUN (or
-//! does not enter it) even if the signal lands between the flag check and the ioctl.
+//! Kicking: the VM sends the vCPU thread `SIGRTMIN`. The signal handler sets
+//! `kvm_run.immediate_exit` on the thread it interrupts, so the vCPU leaves KVM_RUN (or does
+//! not enter it) even if the signal lands between the owner's check and the ioctl.
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -19,7 +19,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{loader::LoadedKernel, msrs, regs};
 use crate::metrics::VcpuMetrics;
-use crate::vm_stop::{StopReason, VmStop};
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -64,6 +63,17 @@ pub enum VcpuError {
     Msrs { index: u8, set: usize, total: usize },
     #[error("writing boot page tables and GDT: {0}")]
     BootMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// What one step of the KVM_RUN loop came to.
+#[derive(Debug)]
+pub enum VcpuAction {
+    /// An exit was handled (or KVM_RUN was interrupted): run again, unless told otherwise.
+    Continue,
+    /// The guest reset or shut the machine down.
+    GuestReset,
+    /// The guest did something this vCPU cannot continue from.
+    Fault(VcpuFault),
 }
 
 /// Why a vCPU stopped the VM on its own: what the guest did, and where.
@@ -183,32 +193,39 @@ impl Vcpu {
         Ok(())
     }
 
-    /// The KVM_RUN loop; returns when the VM stops (by request or because of this vCPU).
-    pub fn run_loop(
-        mut self,
-        io: Arc<IoManager>,
-        mem: GuestMemoryMmap,
-        stop: Arc<VmStop>,
-        metrics: Arc<VcpuMetrics>,
-    ) {
+    /// Lets the kick signal reach this vCPU's KVM_RUN on the calling thread (its own thread,
+    /// for as long as it runs the vCPU; `unbind_kick` before the vCPU goes).
+    pub fn bind_kick(&mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
-        while !stop.is_requested() {
-            if let Some(fault) = self.run_once(&io, &mem, &stop, &metrics) {
-                stop.request(StopReason::Fault(fault));
-            }
-        }
+    }
+
+    pub fn unbind_kick(&mut self) {
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
-    /// Runs the guest until one exit is handled; returns a fault if the VM must stop.
-    fn run_once(
+    /// Completes a pending port or MMIO exit without running guest code (KVM_RUN with
+    /// immediate_exit set): the guest's register state is then final, so a vCPU saved or
+    /// parked here does not repeat its last I/O instruction when it runs again.
+    pub fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Tells the guest's kvmclock that the vCPU was stopped (no soft-lockup reports for the
+    /// time it sat paused). A guest without kvmclock makes KVM refuse, which is fine.
+    pub fn notify_paused(&self) {
+        let _ = self.fd.kvmclock_ctrl();
+    }
+
+    /// Runs the guest until one exit is handled and says what came of it.
+    pub fn run_once(
         &mut self,
         io: &IoManager,
         mem: &GuestMemoryMmap,
-        stop: &VmStop,
         metrics: &VcpuMetrics,
-    ) -> Option<VcpuFault> {
+    ) -> VcpuAction {
         let entered = Instant::now();
         let exit = self.fd.run();
         metrics
@@ -221,30 +238,29 @@ impl Vcpu {
                     // No device: the bus floats high, as on a PC.
                     data.fill(0xff);
                 }
-                return None;
+                return VcpuAction::Continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 if io.pio_write(PioAddress(port), data).is_err() {
                     log::trace!("vCPU {}: write to unassigned port {port:#x}", self.index);
                 }
-                return None;
+                return VcpuAction::Continue;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if io.mmio_read(MmioAddress(addr), data).is_err() {
                     data.fill(0xff);
                 }
-                return None;
+                return VcpuAction::Continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if io.mmio_write(MmioAddress(addr), data).is_err() {
                     log::debug!("vCPU {}: write to unassigned MMIO {addr:#x}", self.index);
                 }
-                return None;
+                return VcpuAction::Continue;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                    stop.request(StopReason::Guest(devices::GuestStop::Reset));
-                    return None;
+                    return VcpuAction::GuestReset;
                 }
                 other => format!("system event {other} (guest crash)"),
             },
@@ -258,15 +274,15 @@ impl Vcpu {
                 // good with nothing that could wake it.
                 "HLT exit (vCPU halted with no way to wake)".to_string()
             }
-            Ok(VcpuExit::Intr) => return None,
+            Ok(VcpuExit::Intr) => return VcpuAction::Continue,
             Ok(other) => format!("unhandled KVM exit {other:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                return None;
+                return VcpuAction::Continue;
             }
             Err(e) => format!("KVM_RUN failed: {e}"),
         };
-        Some(self.fault(reason, mem))
+        VcpuAction::Fault(self.fault(reason, mem))
     }
 
     fn internal_error_reason(&mut self) -> String {

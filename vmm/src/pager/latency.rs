@@ -37,6 +37,10 @@ pub enum LatencyError {
 /// Parses `250us`, `5ms`, `1s`, `1.5ms`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
+    // No time needs no unit (`--fault-latency 0`, as `--help` shows the default).
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
     let split = s.find(|c: char| c.is_ascii_alphabetic())?;
     let (num, unit) = s.split_at(split);
     let value: f64 = num.parse().ok()?;
@@ -130,6 +134,7 @@ mod tests {
         assert_eq!(parse_duration("1.5ms"), Some(Duration::from_micros(1500)));
         assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
         assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
         assert_eq!(parse_duration("-1ms"), None);
         assert_eq!(
             LatencyModel::parse("5ms").unwrap(),

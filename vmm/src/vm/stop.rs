@@ -1,6 +1,6 @@
-//! How a running VM comes to an end: the first stop request wins (a guest exit, a vCPU
-//! fault, a signal to apfvm); it wakes the main thread's event loop, which then stops every
-//! vCPU.
+//! Why a VM stops: the first stop request wins (a guest exit, a vCPU fault, a failed apfvm
+//! thread, a signal to apfvm); it wakes whoever waits for the VM (the main thread's event
+//! loop), which then stops the VM.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,22 +16,24 @@ pub enum StopReason {
     Guest(GuestStop),
     /// A vCPU hit something the VM cannot continue from.
     Fault(VcpuFault),
-    /// apfvm received SIGINT/SIGTERM.
+    /// apfvm received SIGINT/SIGTERM/SIGHUP.
     Signal(i32),
     /// A VMM thread failed.
     Vmm(String),
+    /// The VM's owner stopped it (e.g. a library user done with it).
+    Owner,
 }
 
-pub struct VmStop {
+pub struct StopRequests {
     requested: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     /// Readable once a stop is requested; the event loop listens on it.
     pub event: EventFd,
 }
 
-impl VmStop {
-    pub fn new() -> std::io::Result<VmStop> {
-        Ok(VmStop {
+impl StopRequests {
+    pub fn new() -> std::io::Result<StopRequests> {
+        Ok(StopRequests {
             requested: AtomicBool::new(false),
             reason: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK)?,
@@ -61,7 +63,7 @@ impl VmStop {
     }
 }
 
-impl GuestStopHandler for VmStop {
+impl GuestStopHandler for StopRequests {
     fn guest_stop(&self, why: GuestStop) {
         self.request(StopReason::Guest(why));
     }
@@ -73,7 +75,7 @@ mod tests {
 
     #[test]
     fn first_reason_wins_and_event_fires() {
-        let s = VmStop::new().unwrap();
+        let s = StopRequests::new().unwrap();
         assert!(!s.is_requested());
         assert!(s.event.read().is_err(), "nothing pending yet");
         s.guest_stop(GuestStop::ExitCode(3));

@@ -1,0 +1,225 @@
+//! What `apfvm run` does with a VM: stop signals through a signalfd, the guest's console on
+//! the terminal, and the main thread's event loop until the VM stops; then the VM's
+//! teardown and the final lines on stderr, none of which may wait on a stalled terminal or
+//! pipe past the stop budget.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{STOP_BUDGET, StopReason, StopRequests, Vm, VmError, VmOutcome};
+use crate::config::VmConfig;
+use crate::console::{self, ConsoleDrain, ConsoleOutput, RawTerminal, SerialInput};
+use crate::kvm_trace::KvmTrace;
+use crate::metrics::{self, VcpuMetrics};
+use crate::pager::Pager;
+use crate::seccomp::{self, ThreadKind};
+
+/// How the pager's final summary line on stderr starts (`apfvm: pager: {json}`).
+pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
+
+/// The pager's summary in what apfvm wrote to stderr, parsed.
+pub fn pager_summary(stderr: &str) -> Option<serde_json::Value> {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(PAGER_SUMMARY))
+        .and_then(|json| serde_json::from_str(json).ok())
+}
+
+/// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
+pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
+    // Opened before any signal is masked: opening a file can block (a FIFO is refused, but
+    // the check and the open are not one step).
+    let metrics_file = match &config.metrics {
+        Some(m) => {
+            Some(
+                metrics::open_metrics_file(&m.path).map_err(|source| VmError::Metrics {
+                    path: m.path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    // Stop signals are blocked before any thread exists (threads inherit the mask), so they
+    // always reach the signalfd instead of killing the process from some helper thread.
+    let signals = SignalListener::new()?;
+    let _mask = SignalMaskGuard;
+    let mut vm = Vm::build(config, kvm_path, metrics_file)?;
+    signals.stop.set(vm.stop_requests().clone()).ok();
+    vm.start()?;
+    // From here on the main thread only runs the event loop and tears the VM down.
+    let loop_result = seccomp::confine(ThreadKind::Main)
+        .map_err(|e| VmError::Vmm(e.to_string()))
+        .and_then(|()| run_event_loop(&vm, signals));
+    if let Err(e) = &loop_result {
+        vm.stop_requests().request(StopReason::Vmm(e.to_string()));
+    }
+    let stopped = vm.shutdown();
+    let deadline = Instant::now() + STOP_BUDGET;
+    vm.console().flush_until(console::stdout(), deadline);
+    let stderr = console::stderr();
+    if let Some(summary) = vm.pager_summary() {
+        let json = serde_json::to_string(summary).expect("summary serializes");
+        stderr.write_until(format!("{PAGER_SUMMARY}{json}\n").as_bytes(), deadline);
+    }
+    if let Some(trace) = vm.trace_summary() {
+        stderr.write_until(format!("apfvm: kvm trace: {trace}\n").as_bytes(), deadline);
+    }
+    let dropped = vm.console().dropped();
+    if dropped > 0 {
+        let line = format!(
+            "apfvm: {dropped} bytes of guest console output dropped (stdout did not take them)\n"
+        );
+        stderr.write_until(line.as_bytes(), deadline);
+    }
+    loop_result?;
+    let outcome = vm.outcome()?;
+    stopped?;
+    Ok(outcome)
+}
+
+/// One metrics line: every vCPU, the pager, KVM's fault classes, the console.
+pub(super) fn metrics_sampler(
+    vcpus: Vec<Arc<VcpuMetrics>>,
+    pager: Option<Arc<Pager>>,
+    trace: Option<Arc<KvmTrace>>,
+    console: Arc<ConsoleOutput>,
+) -> crate::metrics::Sampler {
+    Box::new(move || {
+        let counts = trace.as_ref().map(|t| t.counts());
+        let vcpus: Vec<serde_json::Value> = vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.json(i, counts.as_ref().and_then(|c| c.vcpu(i))))
+            .collect();
+        let pager = pager
+            .as_ref()
+            .map_or(serde_json::Value::Null, |p| p.stats().summary_json());
+        let trace = counts.map_or(serde_json::Value::Null, |c| c.json());
+        serde_json::json!({
+            "vcpus": vcpus,
+            "pager": pager,
+            "kvm_trace": trace,
+            "console_dropped_bytes": console.dropped(),
+        })
+    })
+}
+
+fn run_event_loop(vm: &Vm, signals: SignalListener) -> Result<(), VmError> {
+    let stop = vm.stop_requests();
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(|e| VmError::Events(format!("{e:?}")))?;
+    events.add_subscriber(Box::new(StopListener(stop.clone())));
+    events.add_subscriber(Box::new(signals));
+    events.add_subscriber(Box::new(ConsoleDrain::new(vm.console().clone())));
+    let _raw = if console::stdin_is_pollable() {
+        events.add_subscriber(Box::new(SerialInput::new(vm.serial().clone())));
+        Some(RawTerminal::enter())
+    } else {
+        None
+    };
+    while !stop.is_requested() {
+        events
+            .run()
+            .map_err(|e| VmError::Events(format!("event loop: {e:?}")))?;
+    }
+    Ok(())
+}
+
+/// Wakes the event loop when a stop is requested.
+struct StopListener(Arc<StopRequests>);
+
+impl MutEventSubscriber for StopListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.event, EventSet::IN)) {
+            self.0
+                .request(StopReason::Vmm(format!("cannot watch stop event: {e:?}")));
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.event.read();
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP through a signalfd: the VM stops cleanly instead of the process
+/// dying with the terminal left in raw mode.
+struct SignalListener {
+    fd: OwnedFd,
+    /// Set once the VM exists; a signal before that is read when it does.
+    stop: std::sync::OnceLock<Arc<StopRequests>>,
+}
+
+const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+impl SignalListener {
+    /// Blocks the stop signals on this thread (threads spawned later inherit the mask) and
+    /// opens a signalfd for them.
+    fn new() -> Result<SignalListener, VmError> {
+        let set = vmm_sys_util::signal::create_sigset(&STOP_SIGNALS)
+            .map_err(|e| VmError::Events(format!("signal set: {e}")))?;
+        // SAFETY: `set` is a valid initialized sigset; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(VmError::Events(format!("blocking signals: errno {rc}")));
+        }
+        // SAFETY: `set` is valid; -1 asks for a new fd; the result is checked.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmError::Events(format!(
+                "signalfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` is a new descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalListener {
+            fd,
+            stop: std::sync::OnceLock::new(),
+        })
+    }
+}
+
+impl MutEventSubscriber for SignalListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN))
+            && let Some(stop) = self.stop.get()
+        {
+            stop.request(StopReason::Vmm(format!("cannot watch signals: {e:?}")));
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        // SAFETY: an all-zero signalfd_siginfo is valid; read fills at most its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of_val(&info);
+        // SAFETY: reads into `info`, which is `size` bytes long.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n == size as isize
+            && let Some(stop) = self.stop.get()
+        {
+            log::info!("received signal {}, stopping the VM", info.ssi_signo);
+            stop.request(StopReason::Signal(info.ssi_signo as i32));
+        }
+    }
+}
+
+/// Restores the signal mask when the VM is done (the library may be used again).
+struct SignalMaskGuard;
+
+impl Drop for SignalMaskGuard {
+    fn drop(&mut self) {
+        if let Ok(set) = vmm_sys_util::signal::create_sigset(&STOP_SIGNALS) {
+            // SAFETY: `set` is a valid sigset.
+            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+        }
+    }
+}
