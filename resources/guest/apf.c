@@ -118,8 +118,6 @@ static inline void unpark(struct cpu *c, struct task *t, u32 token)
  * dummy=1: let a fast page-ready overtake the park (completion before
  * pfault). The window closes early once a dummy appears: with IF=0 outside
  * this window, a new dummy can only be the page-ready for this very fault.
- * dummy_us=0 keeps it open until then, so every page-not-present is
- * overtaken by its page-ready whatever the host's timing.
  */
 static __attribute__((noinline)) void dummy_window(struct cpu *c)
 {
@@ -127,7 +125,7 @@ static __attribute__((noinline)) void dummy_window(struct cpu *c)
 	u64 before = c->st.dummies;
 
 	irq_enable();
-	while (c->st.dummies == before && (!wl.dummy_cycles || rdtsc() < end))
+	while (c->st.dummies == before && rdtsc() < end)
 		(void)rdmsr(MSR_X2APIC_ID);	/* an exit: lets KVM inject a pending page-ready */
 	irq_disable();
 }
