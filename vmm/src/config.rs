@@ -413,26 +413,30 @@ fn check_kernel_format(path: &Path) -> Result<(), ConfigError> {
 /// cannot be read as a plain file: a directory, a FIFO (reading it could wait forever), a
 /// socket or a device.
 pub fn check_readable_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let kind = std::fs::metadata(path)?.file_type();
-    let what = if kind.is_dir() {
-        Some("a directory")
-    } else if kind.is_fifo() {
-        Some("a FIFO")
-    } else if kind.is_socket() {
-        Some("a socket")
-    } else if kind.is_char_device() || kind.is_block_device() {
-        Some("a device")
-    } else {
-        None
-    };
-    if let Some(what) = what {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("is {what}, not a regular file"),
-        ));
+    if let Some(err) = not_a_regular_file(std::fs::metadata(path)?.file_type()) {
+        return Err(err);
     }
     std::fs::File::open(path).map(drop)
+}
+
+/// The error for a file that is not a regular file (directory, FIFO, socket, device).
+pub fn not_a_regular_file(kind: std::fs::FileType) -> Option<std::io::Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        return None;
+    };
+    Some(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("is {what}, not a regular file"),
+    ))
 }
 
 #[cfg(test)]

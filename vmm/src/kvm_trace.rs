@@ -324,7 +324,7 @@ pub struct KvmTrace {
     instance: PathBuf,
     counts: Arc<Mutex<TraceCounts>>,
     stop: Arc<AtomicBool>,
-    reader: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<Option<()>>>,
 }
 
 fn ensure_tracefs() -> Result<(), TraceError> {
@@ -342,7 +342,8 @@ fn ensure_tracefs() -> Result<(), TraceError> {
 }
 
 impl KvmTrace {
-    pub fn start() -> Result<KvmTrace, TraceError> {
+    /// Starts tracing; a reader thread that fails reports to `on_failure`.
+    pub fn start(on_failure: crate::thread::FailureReport) -> Result<KvmTrace, TraceError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(TraceError::NotRoot);
@@ -380,15 +381,13 @@ impl KvmTrace {
         let (counts, stop) = (trace.counts.clone(), trace.stop.clone());
         let per_cpu = instance.join("per_cpu");
         trace.reader = Some(
-            std::thread::Builder::new()
-                .name("kvm-trace".into())
-                .spawn(move || {
-                    match crate::seccomp::confine(crate::seccomp::ThreadKind::KvmTrace) {
-                        Ok(()) => read_pipe(pipe, &per_cpu, &counts, &stop),
-                        Err(e) => log::error!("kvm-trace: {e}; no trace counts"),
-                    }
-                })
-                .map_err(io_err("starting reader for", &pipe_path))?,
+            crate::thread::spawn(
+                "kvm-trace",
+                crate::seccomp::ThreadKind::KvmTrace,
+                on_failure,
+                move || read_pipe(pipe, &per_cpu, &counts, &stop),
+            )
+            .map_err(io_err("starting reader for", &pipe_path))?,
         );
         Ok(trace)
     }

@@ -131,30 +131,12 @@ pub struct MetricsWriter {
 /// Opens (creating or truncating) the metrics file. Only a regular file will do: a FIFO
 /// nobody reads, a socket or a device would block the writer, or the open itself.
 pub fn open_metrics_file(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let not_regular = |what: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("it is {what}, not a regular file"),
-        )
-    };
-    let kind = |t: std::fs::FileType| {
-        if t.is_fifo() {
-            Some("a FIFO")
-        } else if t.is_socket() {
-            Some("a socket")
-        } else if t.is_char_device() || t.is_block_device() {
-            Some("a device")
-        } else if t.is_dir() {
-            Some("a directory")
-        } else {
-            None
-        }
-    };
+    use crate::config::not_a_regular_file;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(meta) = std::fs::metadata(path)
-        && let Some(what) = kind(meta.file_type())
+        && let Some(err) = not_a_regular_file(meta.file_type())
     {
-        return Err(not_regular(what));
+        return Err(err);
     }
     // O_NONBLOCK: should a FIFO appear between the check and the open, the open fails
     // instead of waiting for a reader.
@@ -164,10 +146,10 @@ pub fn open_metrics_file(path: &Path) -> std::io::Result<File> {
         .truncate(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    if let Some(what) = kind(file.metadata()?.file_type()) {
-        return Err(not_regular(what));
+    match not_a_regular_file(file.metadata()?.file_type()) {
+        Some(err) => Err(err),
+        None => Ok(file),
     }
-    Ok(file)
 }
 
 impl MetricsWriter {

@@ -48,7 +48,7 @@ use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::metrics::StallCounter;
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp::ThreadKind;
 use lifecycle::Lifecycle;
 use pages::PageTable;
 
@@ -121,7 +121,7 @@ struct Shared {
 /// The running pager; dropping it stops its threads.
 pub struct Pager {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<Option<()>>>>,
 }
 
 fn host_ptr(addr: usize) -> *mut libc::c_void {
@@ -213,26 +213,11 @@ impl Pager {
         body: impl FnOnce(Arc<Shared>) + Send + 'static,
     ) -> Result<(), PagerError> {
         let shared = self.shared.clone();
-        let thread = name.to_string();
-        let handle = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                if let Err(e) = seccomp::confine(kind) {
-                    shared.fatal(e.to_string());
-                    return;
-                }
-                // A pager thread that dies leaves faults unserved and the guest wedged: stop
-                // the VM with an error instead.
-                let run = std::panic::AssertUnwindSafe(|| body(shared.clone()));
-                if let Err(panic) = std::panic::catch_unwind(run) {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    shared.fatal(format!("pager thread {thread} died: {what}"));
-                }
-            })
+        // A pager thread that dies leaves faults unserved and the guest wedged: stop the VM
+        // with an error instead.
+        let failed = self.shared.clone();
+        let on_failure = Arc::new(move |message: String| failed.fatal(message));
+        let handle = crate::thread::spawn(name, kind, on_failure, move || body(shared))
             .map_err(PagerError::Thread)?;
         self.threads
             .lock()
@@ -481,7 +466,7 @@ mod tests {
             .expect("fatal error");
         assert_eq!(
             message,
-            "pager thread pager-worker9 died: page table poisoned"
+            "thread pager-worker9 panicked: page table poisoned"
         );
     }
 }

@@ -53,17 +53,13 @@ pub(super) fn build(
     let console = Arc::new(ConsoleOutput::new().map_err(|e| VmError::Events(e.to_string()))?);
     let (io, serial) = create_devices(&vm_fd, &stop, pager.as_ref(), &console)?;
     let trace = if config.kvm_trace {
-        Some(Arc::new(KvmTrace::start()?))
+        Some(Arc::new(KvmTrace::start(stop.failure_report())?))
     } else {
         None
     };
     let vcpu_metrics = (0..config.vcpus)
         .map(|_| Arc::new(VcpuMetrics::default()))
         .collect();
-    let metrics_file = match (metrics_file, &config.metrics) {
-        (Some(file), Some(m)) => Some((file, m.path.clone())),
-        _ => None,
-    };
     Ok(Vm {
         vcpu_threads: None,
         unstarted,

@@ -149,7 +149,8 @@ pub struct Vm {
     /// vCPUs built but not started yet (state Built).
     unstarted: Vec<Vcpu>,
     metrics_writer: Option<MetricsWriter>,
-    metrics_file: Option<(File, std::path::PathBuf)>,
+    /// `config.metrics`' file until `start` hands it to the writer.
+    metrics_file: Option<File>,
     trace: Option<Arc<KvmTrace>>,
     pager: Option<Arc<Pager>>,
     io: Arc<IoManager>,
@@ -236,12 +237,7 @@ impl Vm {
                 state: self.state,
             });
         }
-        if let Some((file, path)) = self.metrics_file.take() {
-            let config = self
-                .config
-                .metrics
-                .as_ref()
-                .expect("a file means metrics are on");
+        if let (Some(file), Some(config)) = (self.metrics_file.take(), &self.config.metrics) {
             let sample = run::metrics_sampler(
                 self.vcpu_metrics.clone(),
                 self.pager.clone(),
@@ -249,9 +245,9 @@ impl Vm {
                 self.console.clone(),
             );
             self.metrics_writer = Some(
-                MetricsWriter::start(file, config.interval, sample, self.failure_report())
+                MetricsWriter::start(file, config.interval, sample, self.stop.failure_report())
                     .map_err(|source| VmError::Metrics {
-                        path: path.display().to_string(),
+                        path: config.path.display().to_string(),
                         source,
                     })?,
             );
@@ -267,12 +263,6 @@ impl Vm {
             Some(VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?);
         self.state = VmState::Running;
         Ok(())
-    }
-
-    /// A failed thread stops the VM with its message.
-    fn failure_report(&self) -> crate::thread::FailureReport {
-        let stop = self.stop.clone();
-        Arc::new(move |message| stop.request(StopReason::Vmm(message)))
     }
 
     /// Every vCPU out of KVM_RUN and parked (its pending I/O completed, kvmclock told), then

@@ -51,6 +51,12 @@ impl StopRequests {
         let _ = self.event.write(1);
     }
 
+    /// What a failed apfvm thread reports to: the VM stops with its message.
+    pub fn failure_report(self: &std::sync::Arc<Self>) -> crate::thread::FailureReport {
+        let stop = self.clone();
+        std::sync::Arc::new(move |message| stop.request(StopReason::Vmm(message)))
+    }
+
     pub fn is_requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }

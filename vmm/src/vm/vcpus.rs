@@ -79,10 +79,7 @@ impl VcpuThreads {
         for vcpu in vcpus {
             let name = format!("vcpu{}", vcpu.index);
             let stop = context.stop.clone();
-            let failure_stop = context.stop.clone();
-            let on_failure = Arc::new(move |message: String| {
-                failure_stop.request(StopReason::Vmm(message));
-            });
+            let on_failure = context.stop.failure_report();
             let (io, mem, pager) = (
                 context.io.clone(),
                 context.mem.clone(),
