@@ -55,6 +55,14 @@ fn vcpu_exits(vm: &Vm) -> u64 {
         .sum()
 }
 
+fn async_faults(vm: &Vm) -> u64 {
+    vm.pager()
+        .unwrap()
+        .stats()
+        .faults_async
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn pages_copied(vm: &Vm) -> u64 {
     let s = vm.pager().unwrap().stats();
     s.served_from_store
@@ -74,14 +82,7 @@ fn pause_holds_vcpus_and_pager_and_resume_continues_exactly_there() {
     let _one_at_a_time = exclusive();
     let mut vm = reference_vm("pages=1024 touchers=2 busy=1 passes=2 evict=1", "20ms");
     vm.start().unwrap();
-    let pager_faults = |vm: &Vm| {
-        vm.pager()
-            .unwrap()
-            .stats()
-            .faults_async
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    wait_until("async faults", LIMIT, || pager_faults(&vm) >= 20);
+    wait_until("async faults", LIMIT, || async_faults(&vm) >= 20);
     vm.pause().unwrap();
     assert_eq!(vm.state(), VmState::Paused);
     let (exits, copied, output) = (vcpu_exits(&vm), pages_copied(&vm), vm.console().take());
@@ -116,14 +117,7 @@ fn a_paused_vm_stops_within_the_budget() {
     let _one_at_a_time = exclusive();
     let mut vm = reference_vm("pages=1024 touchers=2 busy=1 passes=1", "10s");
     vm.start().unwrap();
-    wait_until("async faults", LIMIT, || {
-        vm.pager()
-            .unwrap()
-            .stats()
-            .faults_async
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 2
-    });
+    wait_until("async faults", LIMIT, || async_faults(&vm) >= 2);
     vm.pause().unwrap();
     vm.shutdown().unwrap();
     assert_eq!(vm.state(), VmState::Stopped);

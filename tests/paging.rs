@@ -72,10 +72,7 @@ fn metrics_file_has_interval_lines_and_a_consistent_final_summary() {
     ]);
     vm.wait_for_stdout("apfvm-ref: holding", LIMIT);
     // Two interval lines written after the guest is up, so that they cover a running guest.
-    let written = std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .count();
+    let written = metrics_lines(file.as_path()).len();
     vm.wait_for_metrics(file.as_path(), LIMIT, |lines| lines.len() >= written + 2);
     vm.signal(libc::SIGTERM);
     let run = vm.finish(LIMIT);

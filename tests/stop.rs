@@ -116,10 +116,8 @@ fn a_vm_whose_stdout_and_stderr_are_stalled_pipes_stops_on_sigterm() {
     // Nobody reads the pipes until the guest's output is being dropped.
     let deadline = std::time::Instant::now() + LIMIT;
     loop {
-        let dropped = std::fs::read_to_string(metrics.as_path())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        let dropped = metrics_lines(metrics.as_path())
+            .iter()
             .any(|l| l["console_dropped_bytes"].as_u64() > Some(0));
         if dropped {
             break;

@@ -172,17 +172,19 @@ impl Watched {
         self.child.id()
     }
 
-    /// Waits until `ready(stdout, stderr)` holds. Fails the test with all output if apfvm
+    /// Waits until `ready` holds, checking it whenever apfvm prints something and at least
+    /// every 20 ms. Fails the test with `what` (asked for only then) and all output if apfvm
     /// ends first, or if `limit` passes (apfvm or the guest hangs).
-    pub fn wait_until(&self, what: &str, limit: Duration, ready: impl Fn(&str, &str) -> bool) {
+    fn wait(&self, what: impl Fn() -> String, limit: Duration, ready: impl Fn(&Output) -> bool) {
         let (lock, changed) = &*self.output;
         let deadline = Instant::now() + limit;
         let mut out = lock.lock().unwrap();
-        while !ready(&out.stdout, &out.stderr) {
+        while !ready(&out) {
             let now = Instant::now();
             if out.closed == 2 || now >= deadline {
                 panic!(
-                    "waiting for {what}: {} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    "waiting for {}: {} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    what(),
                     if out.closed == 2 {
                         "apfvm ended"
                     } else {
@@ -193,8 +195,18 @@ impl Watched {
                     out.stderr
                 );
             }
-            out = changed.wait_timeout(out, deadline - now).unwrap().0;
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            out = changed.wait_timeout(out, wait).unwrap().0;
         }
+    }
+
+    /// Waits until `ready(stdout, stderr)` holds (see `wait`).
+    pub fn wait_until(&self, what: &str, limit: Duration, ready: impl Fn(&str, &str) -> bool) {
+        self.wait(
+            || what.to_string(),
+            limit,
+            |out| ready(&out.stdout, &out.stderr),
+        );
     }
 
     /// Waits until the guest's console shows `needle`.
@@ -204,44 +216,18 @@ impl Watched {
         });
     }
 
-    /// Waits until `ready` holds for the lines of a JSON-lines metrics file (each line parsed),
-    /// checking again whenever apfvm prints something and at least every 20 ms.
+    /// Waits until `ready` holds for the lines of a JSON-lines metrics file (see `wait`).
     pub fn wait_for_metrics(
         &self,
         path: &Path,
         limit: Duration,
         ready: impl Fn(&[serde_json::Value]) -> bool,
     ) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let lines: Vec<serde_json::Value> = std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if ready(&lines) {
-                return;
-            }
-            let (lock, changed) = &*self.output;
-            let out = lock.lock().unwrap();
-            if out.closed == 2 || Instant::now() >= deadline {
-                panic!(
-                    "waiting for the metrics in {}: {} after {:?}: {lines:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    path.display(),
-                    if out.closed == 2 {
-                        "apfvm ended"
-                    } else {
-                        "not seen"
-                    },
-                    self.started.elapsed(),
-                    out.stdout,
-                    out.stderr
-                );
-            }
-            let _ = changed
-                .wait_timeout(out, Duration::from_millis(20))
-                .unwrap();
-        }
+        let what = || {
+            let lines = metrics_lines(path);
+            format!("the metrics in {}: {lines:?}", path.display())
+        };
+        self.wait(what, limit, |_| ready(&metrics_lines(path)));
     }
 
     pub fn signal(&self, signal: i32) {
@@ -285,6 +271,16 @@ impl Watched {
             elapsed: self.started.elapsed(),
         }
     }
+}
+
+/// The lines of a JSON-lines metrics file written so far, each parsed (a line still being
+/// written is left out).
+pub fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Whether this host runs guest kernel mode through an instruction emulator (PVM, see

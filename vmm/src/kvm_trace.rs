@@ -516,38 +516,46 @@ fn read_pipe(mut pipe: File, per_cpu: &Path, counts: &Mutex<TraceCounts>, stop: 
 mod tests {
     use super::*;
 
+    /// The counts of `lines`, keeping the events of the threads `ours` accepts.
+    fn counted(lines: &[&str], mut ours: impl FnMut(i32) -> bool) -> TraceCounts {
+        let mut c = TraceCounts::default();
+        for line in lines {
+            c.count_line(line, &mut ours);
+        }
+        c
+    }
+
     /// A delivered fault, an APF halt (no injection) that lasts 4 ms, a repeated touch of a
     /// delivered page (a halt of 1 ms), a page-ready for a wake-all, and lines of other
     /// threads and events.
     #[test]
     fn faults_are_classified_per_vcpu_and_halts_timed() {
-        let mut c = TraceCounts::default();
-        let mut ours = |pid: i32| pid == 123 || pid == 124;
-        for line in [
-            "  vcpu0-999 [001] d..1. 9.0: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            "  vcpu0-123 [001] d..1. 10.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
-            "  vcpu0-123 [001] d..1. 10.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            "  vcpu0-123 [001] d..1. 10.000: kvm_inj_exception: #PF (0x0)",
-            "  vcpu1-124 [000] d..1. 10.001: kvm_try_async_get_page: gva = 0x3000, gfn = 0x3",
-            "  vcpu1-124 [000] d..1. 10.001: kvm_async_pf_not_present: token 0x1001 gva 0x3000",
-            "  kworker/1:0-9 [001] ..... 10.002: kvm_async_pf_completed: gva 0x1000 address 0x7f",
-            "  vcpu0-123 [001] d..1. 10.003: kvm_async_pf_ready: token 0x1000 gva 0x1000",
-            "  vcpu1-124 [000] d..1. 10.005: kvm_async_pf_ready: token 0x1001 gva 0x3000",
-            "  vcpu0-123 [001] d..1. 10.010: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
-            "  vcpu0-123 [001] d..1. 10.010: kvm_async_pf_not_present: token 0x2000 gva 0x5000",
-            "  vcpu0-123 [001] d..1. 10.010: kvm_inj_exception: #PF (0x0)",
-            "  vcpu0-123 [001] d..1. 10.011: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
-            "  vcpu0-123 [001] d..1. 10.011: kvm_async_pf_repeated_fault: gva = 0x5000, gfn = 0x5",
-            "  vcpu0-123 [001] d..1. 10.012: kvm_async_pf_ready: token 0x2000 gva 0x5000",
-            "  vcpu0-123 [001] d..1. 10.020: kvm_async_pf_ready: token 0xffffffff gva 0x0",
-            "  vcpu1-124 [000] d..1. 10.030: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
-            "  vcpu1-124 [000] d..1. 10.030: kvm_async_pf_not_present: token 0x2001 gva 0x7000",
-            "  vcpu1-124 [000] d..1. 10.032: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
-            "  vcpu1-124 [000] d..1. 10.032: kvm_async_pf_repeated_fault: gva = 0x7000, gfn = 0x7",
-            "  vcpu0-123 [001] d..1. 10.3: kvm_exit: reason IO",
-        ] {
-            c.count_line(line, &mut ours);
-        }
+        let c = counted(
+            &[
+                "  vcpu0-999 [001] d..1. 9.0: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+                "  vcpu0-123 [001] d..1. 10.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
+                "  vcpu0-123 [001] d..1. 10.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+                "  vcpu0-123 [001] d..1. 10.000: kvm_inj_exception: #PF (0x0)",
+                "  vcpu1-124 [000] d..1. 10.001: kvm_try_async_get_page: gva = 0x3000, gfn = 0x3",
+                "  vcpu1-124 [000] d..1. 10.001: kvm_async_pf_not_present: token 0x1001 gva 0x3000",
+                "  kworker/1:0-9 [001] ..... 10.002: kvm_async_pf_completed: gva 0x1000 address 0x7f",
+                "  vcpu0-123 [001] d..1. 10.003: kvm_async_pf_ready: token 0x1000 gva 0x1000",
+                "  vcpu1-124 [000] d..1. 10.005: kvm_async_pf_ready: token 0x1001 gva 0x3000",
+                "  vcpu0-123 [001] d..1. 10.010: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
+                "  vcpu0-123 [001] d..1. 10.010: kvm_async_pf_not_present: token 0x2000 gva 0x5000",
+                "  vcpu0-123 [001] d..1. 10.010: kvm_inj_exception: #PF (0x0)",
+                "  vcpu0-123 [001] d..1. 10.011: kvm_try_async_get_page: gva = 0x5000, gfn = 0x5",
+                "  vcpu0-123 [001] d..1. 10.011: kvm_async_pf_repeated_fault: gva = 0x5000, gfn = 0x5",
+                "  vcpu0-123 [001] d..1. 10.012: kvm_async_pf_ready: token 0x2000 gva 0x5000",
+                "  vcpu0-123 [001] d..1. 10.020: kvm_async_pf_ready: token 0xffffffff gva 0x0",
+                "  vcpu1-124 [000] d..1. 10.030: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
+                "  vcpu1-124 [000] d..1. 10.030: kvm_async_pf_not_present: token 0x2001 gva 0x7000",
+                "  vcpu1-124 [000] d..1. 10.032: kvm_try_async_get_page: gva = 0x7000, gfn = 0x7",
+                "  vcpu1-124 [000] d..1. 10.032: kvm_async_pf_repeated_fault: gva = 0x7000, gfn = 0x7",
+                "  vcpu0-123 [001] d..1. 10.3: kvm_exit: reason IO",
+            ],
+            |pid| pid == 123 || pid == 124,
+        );
         let j = c.json();
         assert_eq!(j["async_faults"], 4, "{j}");
         assert_eq!(j["pfaults_delivered"], 2, "{j}");
@@ -582,19 +590,18 @@ mod tests {
     /// when the guest disabled async PF before enabling it again.
     #[test]
     fn a_wake_all_clears_the_faults_pending_on_its_vcpu() {
-        let mut c = TraceCounts::default();
-        let mut ours = |_| true;
-        for line in [
-            "  vcpu0-1 [001] d..1. 1.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
-            "  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            "  vcpu0-1 [001] d..1. 1.000: kvm_inj_exception: #PF (0x0)",
-            "  vcpu0-1 [001] d..1. 1.001: kvm_try_async_get_page: gva = 0x2000, gfn = 0x2",
-            "  vcpu0-1 [001] d..1. 1.001: kvm_async_pf_not_present: token 0x2000 gva 0x2000",
-            "  vcpu0-1 [001] d..1. 1.003: kvm_async_pf_ready: token 0xffffffff gva 0x0",
-            "  vcpu0-1 [001] d..1. 1.500: kvm_exit: reason IO",
-        ] {
-            c.count_line(line, &mut ours);
-        }
+        let c = counted(
+            &[
+                "  vcpu0-1 [001] d..1. 1.000: kvm_try_async_get_page: gva = 0x1000, gfn = 0x1",
+                "  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
+                "  vcpu0-1 [001] d..1. 1.000: kvm_inj_exception: #PF (0x0)",
+                "  vcpu0-1 [001] d..1. 1.001: kvm_try_async_get_page: gva = 0x2000, gfn = 0x2",
+                "  vcpu0-1 [001] d..1. 1.001: kvm_async_pf_not_present: token 0x2000 gva 0x2000",
+                "  vcpu0-1 [001] d..1. 1.003: kvm_async_pf_ready: token 0xffffffff gva 0x0",
+                "  vcpu0-1 [001] d..1. 1.500: kvm_exit: reason IO",
+            ],
+            |_| true,
+        );
         let v0 = c.vcpu(0).unwrap();
         assert_eq!(
             (v0.pfaults_delivered, v0.apf_halts, v0.apf_halts_open),
@@ -609,10 +616,9 @@ mod tests {
         let stats = "entries: 12\noverrun: 3\ncommit overrun: 0\nbytes: 900\n\
                      oldest event ts: 1.0\nnow ts: 2.0\ndropped events: 2\nread events: 40\n";
         assert_eq!(lost_in_stats(stats), 5);
-        let mut c = TraceCounts::default();
-        c.count_line(
-            "  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000",
-            &mut |_| true,
+        let mut c = counted(
+            &["  vcpu0-1 [001] d..1. 1.000: kvm_async_pf_not_present: token 0x1000 gva 0x1000"],
+            |_| true,
         );
         assert!(c.vcpu(0).is_some());
         assert_eq!(c.json()["lost_events"], 0);
@@ -629,20 +635,19 @@ mod tests {
     /// still got a pfault.
     #[test]
     fn an_injection_after_its_page_came_is_still_a_delivered_pfault() {
-        let mut c = TraceCounts::default();
-        let mut ours = |_| true;
-        for line in [
-            "  vcpu0-1 [000] ..... 923.010438: kvm_try_async_get_page: gva = 0x2002000, gfn = 0x2002",
-            "  vcpu0-1 [000] ..... 923.010439: kvm_async_pf_not_present: token 0x9000 gva 0x2002000",
-            "  vcpu0-1 [000] ..... 923.012713: kvm_async_pf_ready: token 0x9000 gva 0x2002000",
-            "  vcpu0-1 [000] ..... 923.012715: kvm_inj_exception: #PF (0x0)",
-            "  vcpu0-1 [000] ..... 923.012943: kvm_try_async_get_page: gva = 0x202f000, gfn = 0x202f",
-            "  vcpu0-1 [000] ..... 923.012943: kvm_async_pf_not_present: token 0xa000 gva 0x202f000",
-            "  vcpu0-1 [000] ..... 923.013000: kvm_async_pf_ready: token 0xa000 gva 0x202f000",
-            "  vcpu0-1 [000] ..... 923.014000: kvm_try_async_get_page: gva = 0x2030000, gfn = 0x2030",
-        ] {
-            c.count_line(line, &mut ours);
-        }
+        let c = counted(
+            &[
+                "  vcpu0-1 [000] ..... 923.010438: kvm_try_async_get_page: gva = 0x2002000, gfn = 0x2002",
+                "  vcpu0-1 [000] ..... 923.010439: kvm_async_pf_not_present: token 0x9000 gva 0x2002000",
+                "  vcpu0-1 [000] ..... 923.012713: kvm_async_pf_ready: token 0x9000 gva 0x2002000",
+                "  vcpu0-1 [000] ..... 923.012715: kvm_inj_exception: #PF (0x0)",
+                "  vcpu0-1 [000] ..... 923.012943: kvm_try_async_get_page: gva = 0x202f000, gfn = 0x202f",
+                "  vcpu0-1 [000] ..... 923.012943: kvm_async_pf_not_present: token 0xa000 gva 0x202f000",
+                "  vcpu0-1 [000] ..... 923.013000: kvm_async_pf_ready: token 0xa000 gva 0x202f000",
+                "  vcpu0-1 [000] ..... 923.014000: kvm_try_async_get_page: gva = 0x2030000, gfn = 0x2030",
+            ],
+            |_| true,
+        );
         let v0 = c.vcpu(0).unwrap();
         // The second fault was never injected: a halt that its page ended.
         assert_eq!(

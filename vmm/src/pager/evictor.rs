@@ -115,8 +115,8 @@ impl Shared {
 mod tests {
     use super::*;
     use crate::memory::{MemoryBackend, create_guest_memory};
-    use crate::pager::test_support::eventually_at_least;
-    use crate::pager::{LatencyModel, PageStore, Pager, PagerConfig};
+    use crate::pager::test_support::{eventually_at_least, zero_pager};
+    use crate::pager::{LatencyModel, PagerConfig};
     use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -142,8 +142,7 @@ mod tests {
                 latency: LatencyModel::parse("1ms").unwrap(),
                 ..Default::default()
             };
-            let pager =
-                Pager::start(&mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap();
+            let pager = zero_pager(&mem, config);
             assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
             for i in 0..64u64 {
                 let addr = GuestAddress(0x10_0000 + i * PAGE_SIZE as u64);
@@ -176,8 +175,7 @@ mod tests {
             evict: Some(EvictPolicy::parse("1ms:50%").unwrap()),
             ..Default::default()
         };
-        let pager =
-            Pager::start(&mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap();
+        let pager = zero_pager(&mem, config);
         const PAGES: u64 = 32;
         let base = 0x20_0000u64;
         let deadline = Instant::now() + Duration::from_millis(400);
@@ -206,8 +204,7 @@ mod tests {
             evict: Some(EvictPolicy::parse("3600s:1%").unwrap()),
             ..Default::default()
         };
-        let pager =
-            Pager::start(&mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap();
+        let pager = zero_pager(&mem, config);
         let t0 = Instant::now();
         pager.stop();
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());

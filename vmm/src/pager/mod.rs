@@ -338,7 +338,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::mpsc::channel;
     use std::time::Instant;
-    use test_support::{eventually_at_least, pager_reporting_fatal};
+    use test_support::{eventually_at_least, pager_reporting_fatal, read_in_thread, zero_pager};
     use vm_memory::Bytes;
 
     fn pager_with_latency(mem: &GuestMemoryMmap, latency: &str) -> Pager {
@@ -346,17 +346,14 @@ mod tests {
             latency: LatencyModel::parse(latency).unwrap(),
             ..Default::default()
         };
-        Pager::start(mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap()
+        zero_pager(mem, config)
     }
 
     #[test]
     fn stop_serves_pending_fetches_instead_of_leaving_waiters_blocked() {
         let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
         let pager = pager_with_latency(&mem, "100s");
-        let toucher = {
-            let mem = mem.clone();
-            std::thread::spawn(move || mem.read_obj::<u64>(GuestAddress(0x30_0000)).unwrap())
-        };
+        let toucher = read_in_thread(&mem, GuestAddress(0x30_0000));
         assert!(eventually_at_least(&pager.stats().faults_async, 1));
         let t0 = Instant::now();
         pager.stop();
@@ -410,10 +407,7 @@ mod tests {
         let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
         let pager = pager_with_latency(&mem, "0ms");
         pager.pause();
-        let toucher = {
-            let mem = mem.clone();
-            std::thread::spawn(move || mem.read_obj::<u64>(GuestAddress(0x30_0000)).unwrap())
-        };
+        let toucher = read_in_thread(&mem, GuestAddress(0x30_0000));
         assert!(eventually_at_least(&pager.stats().faults_async, 1));
         let t0 = Instant::now();
         pager.stop();

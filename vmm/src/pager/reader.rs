@@ -221,8 +221,8 @@ impl Shared {
 mod tests {
     use super::*;
     use crate::memory::{MemoryBackend, create_guest_memory};
-    use crate::pager::test_support::eventually_at_least;
-    use crate::pager::{LatencyModel, PageStore, Pager, PagerConfig};
+    use crate::pager::test_support::{eventually_at_least, read_in_thread, zero_pager};
+    use crate::pager::{LatencyModel, PagerConfig};
     use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -233,14 +233,9 @@ mod tests {
             latency: LatencyModel::parse("100s").unwrap(),
             ..Default::default()
         };
-        let pager = Arc::new(
-            Pager::start(&mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap(),
-        );
+        let pager = Arc::new(zero_pager(&mem, config));
         let addr = GuestAddress(0x20_0000);
-        let async_toucher = {
-            let mem = mem.clone();
-            std::thread::spawn(move || mem.read_obj::<u64>(addr).unwrap())
-        };
+        let async_toucher = read_in_thread(&mem, addr);
         assert!(eventually_at_least(&pager.stats().faults_async, 1));
         let stalls = Arc::new(StallCounter::default());
         let (done, returned) = std::sync::mpsc::channel();

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
+use std::thread::JoinHandle;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{PageStore, Pager, PagerConfig};
 
@@ -30,4 +32,15 @@ pub fn pager_reporting_fatal(mem: &GuestMemoryMmap, store: PageStore) -> (Pager,
     });
     let pager = Pager::start(mem, store, PagerConfig::default(), on_fatal).unwrap();
     (pager, rx)
+}
+
+/// A pager serving zero-filled pages with `config`; a fatal error fails the test.
+pub fn zero_pager(mem: &GuestMemoryMmap, config: PagerConfig) -> Pager {
+    Pager::start(mem, PageStore::Zero, config, Box::new(|m| panic!("{m}"))).unwrap()
+}
+
+/// Reads the u64 at `addr` on a new thread (which waits there while the page is missing).
+pub fn read_in_thread(mem: &GuestMemoryMmap, addr: GuestAddress) -> JoinHandle<u64> {
+    let mem = mem.clone();
+    std::thread::spawn(move || mem.read_obj::<u64>(addr).unwrap())
 }
