@@ -114,19 +114,32 @@ static inline void unpark(struct cpu *c, struct task *t, u32 token)
 
 /* ---- Page not present ---- */
 
+/* Is a dummy for `token` in this CPU's hash (its page-ready came first)? */
+static bool has_dummy(struct cpu *c, u32 token)
+{
+	for (struct apf_node *n = c->hash[apf_hash(token)]; n; n = n->next)
+		if (n->token == token && !n->task)
+			return true;
+	return false;
+}
+
 /*
  * dummy=1: let a fast page-ready overtake the park (completion before
- * pfault). The window closes early once a dummy appears: with IF=0 outside
- * this window, a new dummy can only be the page-ready for this very fault.
+ * pfault). The window closes early once the dummy for this token is there;
+ * it may be there already (a host can deliver the page-ready interrupt
+ * before the #PF). dummy_us=0 keeps it open until then, so every
+ * page-not-present is overtaken by its page-ready whatever the host's
+ * timing.
  */
-static __attribute__((noinline)) void dummy_window(struct cpu *c)
+static __attribute__((noinline)) void dummy_window(struct cpu *c, u32 token)
 {
 	u64 end = rdtsc() + wl.dummy_cycles;
-	u64 before = c->st.dummies;
 
 	irq_enable();
-	while (c->st.dummies == before && rdtsc() < end)
+	while (!has_dummy(c, token) && (!wl.dummy_cycles || rdtsc() < end)) {
 		(void)rdmsr(MSR_X2APIC_ID);	/* an exit: lets KVM inject a pending page-ready */
+		cpu_relax();			/* the page-ready handler changes the hash */
+	}
 	irq_disable();
 }
 
@@ -156,7 +169,7 @@ static inline void apf_not_present(struct cpu *c, u32 token)
 
 	c->st.pfaults++;
 	if (unlikely(wl.dummy))
-		dummy_window(c);
+		dummy_window(c, token);
 	head = &c->hash[apf_hash(token)];
 	for (pp = head; (n = *pp); pp = &n->next) {
 		if (n->token == token) {
