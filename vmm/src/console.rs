@@ -192,21 +192,22 @@ impl HostOutput {
         }
     }
 
-    /// Writes all of `buf` unless `deadline` passes first; returns whether it all went.
-    pub fn write_until(&self, mut buf: &[u8], deadline: Instant) -> bool {
-        while !buf.is_empty() {
-            match self.try_write(buf) {
+    /// Writes all of `buf` unless `deadline` passes first; returns how many bytes went.
+    pub fn write_until(&self, buf: &[u8], deadline: Instant) -> usize {
+        let mut written = 0;
+        while written < buf.len() {
+            match self.try_write(&buf[written..]) {
                 Ok(0) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() || !self.wait_writable(left) {
-                        return false;
+                        break;
                     }
                 }
-                Ok(n) => buf = &buf[n..],
-                Err(_) => return false,
+                Ok(n) => written += n,
+                Err(_) => break,
             }
         }
-        true
+        written
     }
 
     /// Waits until the stream takes more output, at most `timeout`.
@@ -328,11 +329,9 @@ impl ConsoleOutput {
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
             .collect();
-        if !out.write_until(&bytes, deadline) {
-            // Some of it may have gone; count it all as not delivered in full.
-            self.dropped
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
+        let written = out.write_until(&bytes, deadline);
+        self.dropped
+            .fetch_add((bytes.len() - written) as u64, Ordering::Relaxed);
     }
 
     /// Everything waiting, taken out (for a caller that reads the console itself).

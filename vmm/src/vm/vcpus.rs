@@ -100,7 +100,7 @@ impl VcpuThreads {
             match crate::thread::spawn(&name, ThreadKind::Vcpu, on_failure, body) {
                 Ok(handle) => threads.threads.push(handle),
                 Err(e) => {
-                    threads.stop(Instant::now() + Duration::from_secs(5));
+                    threads.stop(Instant::now() + super::STOP_BUDGET);
                     return Err(e);
                 }
             }
