@@ -74,7 +74,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Tra
 }
 
 /// One vCPU's host faults as the trace saw them, up to some moment.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct VcpuFaults {
     pub async_faults: u64,
     pub pfaults_delivered: u64,
@@ -83,18 +83,16 @@ pub struct VcpuFaults {
     /// APF halts still going on (the page has not come).
     pub apf_halts_open: u64,
     /// Time the vCPU sat in APF halts, open ones included.
+    #[serde(
+        rename = "apf_halt_ms",
+        serialize_with = "crate::metrics::seconds_as_ms"
+    )]
     pub apf_halt_seconds: f64,
 }
 
 impl VcpuFaults {
     pub fn json(&self) -> Value {
-        json!({
-            "async_faults": self.async_faults,
-            "pfaults_delivered": self.pfaults_delivered,
-            "apf_halts": self.apf_halts,
-            "apf_halts_open": self.apf_halts_open,
-            "apf_halt_ms": self.apf_halt_seconds * 1e3,
-        })
+        serde_json::to_value(self).expect("plain numbers serialize")
     }
 }
 

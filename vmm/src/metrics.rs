@@ -88,28 +88,54 @@ impl VcpuMetrics {
     /// This vCPU's line; with `--kvm-trace`, also what KVM's tracepoints said about it, and
     /// the two stalls together: the time the vCPU could not run the guest because of host
     /// faults, as far as the host sees it.
-    pub fn json(&self, index: usize, trace: Option<VcpuFaults>) -> Value {
+    pub fn line(&self, index: usize, trace: Option<VcpuFaults>) -> VcpuLine {
         let run_ns = self.run_ns.load(Ordering::Relaxed) as f64;
         let stall_ns = self.sync_faults.ns.load(Ordering::Relaxed) as f64;
         let share = |ns: f64| if run_ns == 0.0 { 0.0 } else { ns / run_ns };
-        let mut line = json!({
-            "vcpu": index,
-            "run_ms": run_ns / 1e6,
-            "exits": self.exits.load(Ordering::Relaxed),
-            "sync_faults": self.sync_faults.faults.load(Ordering::Relaxed),
-            "sync_fault_stall_ms": stall_ns / 1e6,
-            "sync_fault_stall_share": share(stall_ns),
-        });
-        if let Some(faults) = trace {
-            if let (Some(object), Value::Object(fields)) = (line.as_object_mut(), faults.json()) {
-                object.extend(fields);
-            }
-            let halt_ns = faults.apf_halt_seconds * 1e9;
-            line["host_fault_stall_ms"] = json!((stall_ns + halt_ns) / 1e6);
-            line["host_fault_stall_share"] = json!(share(stall_ns + halt_ns));
+        VcpuLine {
+            vcpu: index,
+            run_ms: run_ns / 1e6,
+            exits: self.exits.load(Ordering::Relaxed),
+            sync_faults: self.sync_faults.faults.load(Ordering::Relaxed),
+            sync_fault_stall_ms: stall_ns / 1e6,
+            sync_fault_stall_share: share(stall_ns),
+            trace: trace.map(|faults| {
+                let host_ns = stall_ns + faults.apf_halt_seconds * 1e9;
+                VcpuTraceLine {
+                    faults,
+                    host_fault_stall_ms: host_ns / 1e6,
+                    host_fault_stall_share: share(host_ns),
+                }
+            }),
         }
-        line
     }
+}
+
+/// One vCPU in a metrics line (fields: docs/metrics.md).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VcpuLine {
+    pub vcpu: usize,
+    pub run_ms: f64,
+    pub exits: u64,
+    pub sync_faults: u64,
+    pub sync_fault_stall_ms: f64,
+    pub sync_fault_stall_share: f64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<VcpuTraceLine>,
+}
+
+/// A vCPU's fields that come with `--kvm-trace`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VcpuTraceLine {
+    #[serde(flatten)]
+    pub faults: VcpuFaults,
+    pub host_fault_stall_ms: f64,
+    pub host_fault_stall_share: f64,
+}
+
+/// Seconds written as milliseconds.
+pub fn seconds_as_ms<S: serde::Serializer>(seconds: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(seconds * 1e3)
 }
 
 /// A source of metrics, sampled by the writer.
@@ -233,6 +259,31 @@ mod tests {
         assert_eq!(s["p50_us"], 50);
         assert_eq!(s["max_us"], 100);
         assert_eq!(s["p99_us"], 99);
+    }
+
+    #[test]
+    fn a_vcpu_line_has_trace_fields_only_with_a_trace() {
+        let m = VcpuMetrics::default();
+        m.run_ns.store(10_000_000, Ordering::Relaxed);
+        m.sync_faults.add(Duration::from_millis(2));
+        let plain = serde_json::to_value(m.line(1, None)).unwrap();
+        assert_eq!(plain["vcpu"], 1);
+        assert_eq!(plain["sync_fault_stall_ms"], 2.0);
+        assert!(plain.get("apf_halt_ms").is_none(), "{plain}");
+        let faults = VcpuFaults {
+            async_faults: 3,
+            apf_halts: 1,
+            apf_halt_seconds: 0.003,
+            ..Default::default()
+        };
+        let traced = serde_json::to_value(m.line(1, Some(faults))).unwrap();
+        assert_eq!(traced["async_faults"], 3, "{traced}");
+        assert!(
+            (traced["apf_halt_ms"].as_f64().unwrap() - 3.0).abs() < 1e-9,
+            "{traced}"
+        );
+        assert!((traced["host_fault_stall_ms"].as_f64().unwrap() - 5.0).abs() < 1e-9);
+        assert!((traced["host_fault_stall_share"].as_f64().unwrap() - 0.5).abs() < 1e-9);
     }
 
     #[test]

@@ -91,22 +91,27 @@ pub(super) fn metrics_sampler(
 ) -> crate::metrics::Sampler {
     Box::new(move || {
         let counts = trace.as_ref().map(|t| t.counts());
-        let vcpus: Vec<serde_json::Value> = vcpus
-            .iter()
-            .enumerate()
-            .map(|(i, m)| m.json(i, counts.as_ref().and_then(|c| c.vcpu(i))))
-            .collect();
-        let pager = pager
-            .as_ref()
-            .map_or(serde_json::Value::Null, |p| p.stats().summary_json());
-        let trace = counts.map_or(serde_json::Value::Null, |c| c.json());
-        serde_json::json!({
-            "vcpus": vcpus,
-            "pager": pager,
-            "kvm_trace": trace,
-            "console_dropped_bytes": console.dropped(),
-        })
+        let sample = MetricsSample {
+            vcpus: vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, m)| m.line(i, counts.as_ref().and_then(|c| c.vcpu(i))))
+                .collect(),
+            pager: pager.as_ref().map(|p| p.stats().summary()),
+            kvm_trace: counts.map(|c| c.json()),
+            console_dropped_bytes: console.dropped(),
+        };
+        serde_json::to_value(sample).expect("metrics serialize")
     })
+}
+
+/// What a metrics line holds besides its type and time (fields: docs/metrics.md).
+#[derive(serde::Serialize)]
+struct MetricsSample {
+    vcpus: Vec<crate::metrics::VcpuLine>,
+    pager: Option<crate::pager::PagerSummary>,
+    kvm_trace: Option<serde_json::Value>,
+    console_dropped_bytes: u64,
 }
 
 fn run_event_loop(vm: &Vm, signals: SignalListener) -> Result<(), VmError> {
