@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use test_support::reference_guest;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -104,7 +105,7 @@ fn stop_with_sigterm(guest_cmdline: &str, ready: Ready) -> Option<Run> {
     assert_no_panic(&run);
     assert_eq!(run.code(), Some(143), "{}", run.describe());
     assert!(
-        run.stderr.contains(vmm::vm::PAGER_SUMMARY),
+        run.stderr.contains(test_support::apfvm::PAGER_SUMMARY),
         "the pager summary is still written: {}",
         run.describe()
     );
@@ -274,9 +275,9 @@ fn async_pf_msr_writes_of_the_fuzz_seeds_keep_data_and_finish() {
     let _one_at_a_time = exclusive();
     for seed in seeds {
         let script = std::fs::read(&seed).unwrap();
-        let cmdline = vmm::reference_guest::msr_script_cmdline(&script).unwrap();
+        let cmdline = reference_guest::msr_script_cmdline(&script).unwrap();
         let mut args = vec!["demo"];
-        args.extend_from_slice(&vmm::reference_guest::MSR_SCRIPT_FLAGS);
+        args.extend_from_slice(&reference_guest::MSR_SCRIPT_FLAGS);
         args.extend_from_slice(&["--cmdline", &cmdline]);
         let run = apfvm(&args, LIMIT);
         let name = seed.file_name().unwrap().to_string_lossy().into_owned();
@@ -288,8 +289,8 @@ fn async_pf_msr_writes_of_the_fuzz_seeds_keep_data_and_finish() {
         assert_eq!(field(&r, "bad_bytes"), 0, "{name}: {r}");
         assert_eq!(field(&r, "pages_touched"), 128, "{name}: {r}");
         assert_eq!(field(&r, "parked_at_exit"), 0, "{name}: {r}");
-        let writes = (script.len() / vmm::reference_guest::MSR_WRITE_BYTES)
-            .min(vmm::reference_guest::MAX_MSR_WRITES) as u64;
+        let writes = (script.len() / reference_guest::MSR_WRITE_BYTES)
+            .min(reference_guest::MAX_MSR_WRITES) as u64;
         assert_eq!(field(&h, "msr_ops"), writes, "{name}: {h}");
         assert!(field(&h, "msr_writes") > 0, "{name}: {h}");
         eprintln!("{name}: {h}");
@@ -306,7 +307,7 @@ fn async_pf_msr_writes_of_the_fuzz_seeds_keep_data_and_finish() {
 #[test]
 fn vcpu_livelocked_inside_kvm_run_is_stopped_by_sigterm() {
     let script: Vec<u8> = [0x01u8, 0, 0, 0, 0x0f, 0xff, 0, 0, 0x09].repeat(2);
-    let cmdline = vmm::reference_guest::msr_script_cmdline(&script).unwrap();
+    let cmdline = reference_guest::msr_script_cmdline(&script).unwrap();
     let cmdline = format!("{cmdline} msr_refused=keep timeout_s=600");
     // The eviction between the passes: the next touch of the region livelocks the vCPU.
     let Some(run) = stop_with_sigterm(&cmdline, Ready::PagesEvicted) else {

@@ -102,7 +102,7 @@ fn pause_holds_vcpus_and_pager_and_resume_continues_exactly_there() {
     assert_eq!(vm.outcome().unwrap(), VmOutcome::GuestExit(0));
     let mut text = String::from_utf8_lossy(&output).into_owned();
     text.push_str(&String::from_utf8_lossy(&vm.console().take()));
-    let result = vmm::reference_guest::result(&text).unwrap_or_else(|| panic!("{text}"));
+    let result = test_support::reference_guest::result(&text).unwrap_or_else(|| panic!("{text}"));
     assert_eq!(result["verdict"], "pass", "{text}");
     assert_guest_checks_clean(&result);
     assert_eq!(field(&result, "pages_touched"), 2048, "{result}");

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
-use vmm::linux_guest;
+use test_support::linux_guest;
 
 const LIMIT: Duration = Duration::from_secs(300);
 

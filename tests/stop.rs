@@ -130,11 +130,11 @@ fn a_vm_whose_stdout_and_stderr_are_stalled_pipes_stops_on_sigterm() {
     }
     // SAFETY: plain kill(2) of our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let done = vmm::child::wait_with_limit(child, LIMIT).unwrap();
+    let done = test_support::child::wait_with_limit(child, LIMIT).unwrap();
     assert!(!done.timed_out);
     assert_eq!(done.status.code(), Some(143), "{}", done.stderr);
     assert!(
-        done.stderr.contains(vmm::vm::PAGER_SUMMARY),
+        done.stderr.contains(test_support::apfvm::PAGER_SUMMARY),
         "{}",
         done.stderr
     );

@@ -13,8 +13,8 @@
 
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
+use test_support::reference_guest::{MSR_SCRIPT_FLAGS, msr_script_cmdline};
 use vmm::config::{KernelImage, Settings};
-use vmm::reference_guest::{MSR_SCRIPT_FLAGS, msr_script_cmdline};
 use vmm::vm::{self, VmOutcome};
 
 /// The flags `apfvm demo` takes, so that the VM here is exactly the one the tests run.

@@ -1,5 +1,6 @@
 //! Running the real `apfvm` binary the way a user does, with a time limit, and the guests the
-//! tests boot.
+//! tests boot. The child runner and the parsing of result lines are tests/support's
+//! (`test_support`, shared with `apfvm bench`); here they fail the test with all the output.
 
 #![allow(dead_code)]
 
@@ -89,7 +90,7 @@ pub fn spawn(args: &[&str]) -> Child {
 /// Waits for a spawned apfvm; a run past `limit` is killed and fails the test: apfvm must
 /// never hang.
 pub fn wait(child: Child, limit: Duration) -> Run {
-    let done = vmm::child::wait_with_limit(child, limit).expect("wait for apfvm");
+    let done = test_support::child::wait_with_limit(child, limit).expect("wait for apfvm");
     let run = Run {
         status: done.status,
         stdout: done.stdout,
@@ -317,15 +318,15 @@ pub fn debian_kernel() -> (PathBuf, PathBuf) {
     (dir.join("vmlinuz"), dir.join("vmlinux"))
 }
 
-/// The pager's summary line (`apfvm: pager: {json}`) as JSON.
+/// The pager's summary line (`apfvm: pager: {json}`) as JSON; the test fails without one.
 pub fn pager_summary(run: &Run) -> serde_json::Value {
-    vmm::vm::pager_summary(&run.stderr)
+    test_support::apfvm::pager_summary(&run.stderr)
         .unwrap_or_else(|| panic!("no pager summary: {}", run.describe()))
 }
 
-/// The guest's `APFVM-RESULT {json}` line as JSON.
+/// The guest's `APFVM-RESULT {json}` line as JSON; the test fails without one.
 pub fn guest_result(run: &Run) -> serde_json::Value {
-    vmm::reference_guest::result(&run.stdout)
+    test_support::reference_guest::result(&run.stdout)
         .unwrap_or_else(|| panic!("no APFVM-RESULT line: {}", run.describe()))
 }
 

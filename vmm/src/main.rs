@@ -3,6 +3,9 @@
 //! guest reboots or powers off; 128+N when stopped by signal N; 1 on any error (bad input,
 //! KVM trouble, a guest that crashed the vCPU); 2 on bad command-line usage.
 
+/// `apfvm bench`: the binary's, not the library's (it runs this binary as child processes).
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,41 +58,41 @@ struct BenchArgs {
     #[arg(long, value_name = "LIST", default_value = "1,2")]
     vcpus_list: String,
     /// Fetch latencies of the paging cases.
-    #[arg(long, value_name = "LIST", default_value = vmm::bench::DEFAULT_LATENCIES)]
+    #[arg(long, value_name = "LIST", default_value = bench::DEFAULT_LATENCIES)]
     latencies: String,
     /// Pages faulted in per vCPU in each case.
-    #[arg(long, value_name = "N", default_value_t = vmm::bench::DEFAULT_PAGES_PER_VCPU)]
+    #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_PAGES_PER_VCPU)]
     pages_per_vcpu: u32,
     /// Pages the floor measurement faults in.
-    #[arg(long, value_name = "N", default_value_t = vmm::bench::DEFAULT_FLOOR_PAGES)]
+    #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_FLOOR_PAGES)]
     floor_pages: u64,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: String,
 }
 
-fn bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let vcpus = vmm::bench::parse_list(&args.vcpus_list)
+fn run_bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let vcpus = bench::parse_list(&args.vcpus_list)
         .iter()
         .map(|v| v.parse::<u8>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| vmm::bench::BenchError::BadVcpus)?;
+        .map_err(|_| bench::BenchError::BadVcpus)?;
     let guest = match args.guest {
-        BenchGuestKind::Reference => vmm::bench::BenchGuest::Reference,
-        BenchGuestKind::Linux => vmm::bench::BenchGuest::Linux {
+        BenchGuestKind::Reference => bench::BenchGuest::Reference,
+        BenchGuestKind::Linux => bench::BenchGuest::Linux {
             dir: args.linux_dir.clone(),
         },
     };
-    let opts = vmm::bench::BenchOptions {
+    let opts = bench::BenchOptions {
         guest,
         output: args.output.clone(),
         vcpus,
-        latencies: vmm::bench::parse_list(&args.latencies),
+        latencies: bench::parse_list(&args.latencies),
         pages_per_vcpu: args.pages_per_vcpu,
         floor_pages: args.floor_pages,
         kvm_device: args.kvm_device.clone(),
     };
-    let report = vmm::bench::run(&opts)?;
+    let report = bench::run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     eprintln!(
         "apfvm bench: wrote {} and {}",
@@ -148,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Bench(args) => {
-            return match bench(args) {
+            return match run_bench(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     report_error(&e);

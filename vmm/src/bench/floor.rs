@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::memory::{MemoryBackend, create_guest_memory};
-use crate::metrics::LatencyHistogram;
-use crate::pager::{PAGE_SIZE, PageStore, Pager, PagerConfig, PagerError};
+use vmm::memory::{MemoryBackend, create_guest_memory};
+use vmm::metrics::LatencyHistogram;
+use vmm::pager::{PAGE_SIZE, PageStore, Pager, PagerConfig, PagerError};
 
 pub struct FloorResult {
     /// Touch → page there, as the touching thread saw it.

@@ -12,7 +12,7 @@
 //! fault service latency is compared with the floor: a host thread faulting pages through
 //! the same pager with no KVM in the way.
 
-pub mod floor;
+mod floor;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::child::wait_with_limit;
-use crate::linux_guest;
-use crate::pager::parse_duration;
+use test_support::child::wait_with_limit;
+use test_support::{apfvm, linux_guest, reference_guest};
+use vmm::pager::parse_duration;
 
 /// The guest the cases boot.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ pub enum BenchError {
     #[error("running case {case}: {message}")]
     Case { case: String, message: String },
     #[error("floor measurement: {0}")]
-    Floor(#[from] crate::pager::PagerError),
+    Floor(#[from] vmm::pager::PagerError),
     #[error("drawing the chart: {0}")]
     Chart(String),
 }
@@ -226,11 +226,11 @@ fn run_case(opts: &BenchOptions, case: &Case) -> Result<Measured, BenchError> {
         return Err(err(format!("no result within {CASE_LIMIT:?}")));
     }
     let (stdout, stderr) = (&out.stdout, &out.stderr);
-    let pager = crate::vm::pager_summary(stderr);
+    let pager = apfvm::pager_summary(stderr);
     let no_result = || err(format!("no guest result (exit {:?}): {stderr}", out.status));
     let measured = match &opts.guest {
         BenchGuest::Reference => {
-            let result = crate::reference_guest::result(stdout).ok_or_else(no_result)?;
+            let result = reference_guest::result(stdout).ok_or_else(no_result)?;
             Measured {
                 busy_ops: num(&result, "busy_ops"),
                 seconds: num(&result, "elapsed_ms") / 1e3,
@@ -405,3 +405,13 @@ pub const DEFAULT_PAGES_PER_VCPU: u32 = 400;
 pub const DEFAULT_FLOOR_PAGES: u64 = 20_000;
 pub const DEFAULT_LATENCIES: &str = "100us,1ms,10ms";
 pub const CASE_LIMIT: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    /// apfvm prints the pager's summary line with the library's prefix; the bench (and the
+    /// tests) read it with the support crate's.
+    #[test]
+    fn the_pager_summary_is_read_with_the_prefix_it_is_printed_with() {
+        assert_eq!(vmm::vm::PAGER_SUMMARY, test_support::apfvm::PAGER_SUMMARY);
+    }
+}

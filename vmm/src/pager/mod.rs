@@ -333,12 +333,14 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::{
+        eventually_at_least, pager_reporting_fatal, read_in_thread, zero_pager,
+    };
     use super::*;
     use crate::memory::{MemoryBackend, create_guest_memory};
     use std::sync::atomic::Ordering;
     use std::sync::mpsc::channel;
     use std::time::Instant;
-    use test_support::{eventually_at_least, pager_reporting_fatal, read_in_thread, zero_pager};
     use vm_memory::Bytes;
 
     fn pager_with_latency(mem: &GuestMemoryMmap, latency: &str) -> Pager {

@@ -32,7 +32,7 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryMmap;
 
 pub use build::open_kvm;
-pub use run::{PAGER_SUMMARY, pager_summary, run};
+pub use run::{PAGER_SUMMARY, run};
 pub use stop::{StopReason, StopRequests};
 
 use crate::arch::x86_64::boot;

@@ -18,16 +18,10 @@ use crate::metrics::{self, VcpuMetrics};
 use crate::pager::Pager;
 use crate::seccomp::{self, ThreadKind};
 
-/// How the pager's final summary line on stderr starts (`apfvm: pager: {json}`).
+/// How the pager's final summary line on stderr starts (`apfvm: pager: {json}`). Programs
+/// that read the line (tests/support's `apfvm::pager_summary`) have their own copy of it;
+/// a unit test of apfvm's binary checks that the two are the same.
 pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
-
-/// The pager's summary in what apfvm wrote to stderr, parsed.
-pub fn pager_summary(stderr: &str) -> Option<serde_json::Value> {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix(PAGER_SUMMARY))
-        .and_then(|json| serde_json::from_str(json).ok())
-}
 
 /// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
 pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {

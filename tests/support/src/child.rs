@@ -1,5 +1,5 @@
-//! Running a child process with a time limit and collecting its output: how the benchmark
-//! (and the integration tests) drive `apfvm` without ever hanging on it.
+//! Running a child process with a time limit and collecting its output: how `apfvm bench`
+//! and the integration tests drive `apfvm` without ever hanging on it.
 
 use std::io::Read;
 use std::process::{Child, ExitStatus};
