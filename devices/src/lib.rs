@@ -9,11 +9,13 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod pager_control;
 pub mod serial;
+pub mod snapshot_request;
 
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
 pub use pager_control::{EvictionRequests, PagerControl};
 pub use serial::{IrqTrigger, SerialConsole};
+pub use snapshot_request::{SnapshotRequest, SnapshotRequestHandler};
 
 /// Why a guest asked to stop the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,6 +34,23 @@ impl SerialConsole {
         }
     }
 
+    /// A UART as it was saved in a snapshot (registers and receive FIFO); raises its
+    /// interrupt again if one was pending.
+    pub fn from_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        let uart = Serial::from_state(state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(SerialConsole { uart })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());

@@ -194,6 +194,12 @@ static inline void apf_not_present(struct cpu *c, u32 token)
 		c->st.max_parked = parked;
 	if (unlikely(hostile.mode))
 		hostile_parked(c);
+	if (unlikely(wl.snapshot_pfault) && c->st.pfaults == wl.snapshot_pfault &&
+	    atomic_cmpxchg(&wl.snapshot_requested, 0, 1) == 0) {
+		/* The VMM pauses the VM during this write: the snapshot has this task parked. */
+		kprintf("apfvm-ref: snapshot requested with %u parked on cpu%u\n", parked, c->index);
+		outl(SNAPSHOT_PORT, 1);
+	}
 	schedule(c, t);
 }
 

@@ -85,6 +85,7 @@
 
 /* ---- Devices ---- */
 #define EXIT_PORT		0xf4	/* outl(code) ends the VM with (code & 0xff) */
+#define SNAPSHOT_PORT		0xf0	/* outl(any): the VMM snapshots the VM right here */
 #define PAGER_PORT_PFN		0xf8	/* apfvm pager control: first pfn; read: pages evicted */
 #define PAGER_PORT_COUNT	0xfc	/* page count: evicts synchronously */
 #define COM1_PORT		0x3f8
@@ -634,6 +635,7 @@ struct workload {
 	bool apf_off;		/* apf=0: do not enable async PF */
 	bool fail_data;		/* fail=data: corrupt one byte on purpose (checker self-test) */
 	u32 pages, passes, touchers, busy, seed, stall_us, timeout_s, hotplug, dummy_us;
+	u32 snapshot_pfault;	/* ask for a snapshot at a CPU's Nth page-not-present */
 	/* derived */
 	u64 dummy_cycles;	/* dummy_us in TSC cycles */
 	bool apf;		/* async PF enabled on every CPU */
@@ -653,6 +655,7 @@ struct workload {
 	volatile u32 tasks_alive;
 	volatile u32 evict_lock;
 	volatile u32 finishing;
+	volatile u32 snapshot_requested;
 	bool no_pager;		/* the pager-control port is not there */
 	u64 evictions_requested;
 	u64 pages_evicted;

@@ -43,7 +43,7 @@ bool workload_parse_word(const char *w, size_t len)
 		{ "touchers=", &wl.touchers }, { "busy=", &wl.busy },
 		{ "seed=", &wl.seed },       { "stall_us=", &wl.stall_us },
 		{ "timeout_s=", &wl.timeout_s }, { "hotplug=", &wl.hotplug },
-		{ "dummy_us=", &wl.dummy_us },
+		{ "dummy_us=", &wl.dummy_us }, { "snapshot_pfault=", &wl.snapshot_pfault },
 	};
 	static const struct {
 		const char *name;
@@ -314,11 +314,12 @@ __noreturn void workload_finish(u32 forced_code, const char *forced_reason)
 		       "\"first_bad_page\":%d,\"busy_ops\":%lu,\"stalls\":%lu,"
 		       "\"busy_ops_during_stalls\":%lu,\"evictions_requested\":%lu,"
 		       "\"pages_evicted\":%lu,\"offline_cycles\":%lu,\"parked_at_offline\":%lu,"
-		       "\"tsc_khz\":%lu,\"elapsed_ms\":%lu}\n",
+		       "\"snapshot_requested\":%u,\"tsc_khz\":%lu,\"elapsed_ms\":%lu}\n",
 		       wl.pages, wl.passes, pages_touched, bad_bytes,
 		       wl.first_bad_page == 0xffffffff ? -1 : (int)wl.first_bad_page, busy_ops,
 		       stalls, stall_ops, wl.evictions_requested, wl.pages_evicted,
-		       tot.offline_cycles, tot.parked_at_offline, tsc_khz, elapsed / tsc_khz);
+		       tot.offline_cycles, tot.parked_at_offline, wl.snapshot_requested, tsc_khz,
+		       elapsed / tsc_khz);
 	console_unlock();
 
 	if (hold_after_result)

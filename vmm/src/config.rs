@@ -10,6 +10,7 @@ use crate::arch::x86_64::loader::{self, LoaderError};
 use crate::arch::x86_64::mptable;
 use crate::memory::MemoryBackend;
 use crate::pager::{EvictPolicy, FaultOrder, LatencyModel, PagerConfig};
+use crate::snapshot::LoadedSnapshot;
 
 /// Command line given to a kernel when the user gives none: serial console, reboot through
 /// the i8042 (what ends apfvm cleanly), and reboot one second after a panic so that a dead
@@ -53,6 +54,8 @@ pub enum KernelImage {
         name: &'static str,
         bytes: &'static [u8],
     },
+    /// Nothing to load: the VM is restored from this snapshot, booted kernel and all.
+    Snapshot(std::sync::Arc<LoadedSnapshot>),
 }
 
 impl KernelImage {
@@ -60,8 +63,27 @@ impl KernelImage {
         match self {
             KernelImage::File(p) => p.display().to_string(),
             KernelImage::Embedded { name, .. } => format!("<built-in {name}>"),
+            KernelImage::Snapshot(s) => format!("<snapshot {}>", s.dir.display()),
         }
     }
+}
+
+/// What apfvm does after a snapshot the guest asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSnapshot {
+    /// The VM runs on.
+    #[default]
+    Resume,
+    /// apfvm stops the VM and exits 0.
+    Stop,
+}
+
+/// `--snapshot-on-request`: where guest-requested snapshots go, and what follows them.
+#[derive(Debug, Clone)]
+pub struct SnapshotOnRequest {
+    pub dir: PathBuf,
+    pub after: AfterSnapshot,
 }
 
 /// A validated VM configuration.
@@ -80,6 +102,7 @@ pub struct VmConfig {
     pub kvm_trace: bool,
     /// Confine every thread with seccomp-bpf once set up (off: `--no-seccomp`).
     pub seccomp: bool,
+    pub snapshot_on_request: Option<SnapshotOnRequest>,
 }
 
 /// Where and how often metrics are written (`--metrics-file`).
@@ -153,6 +176,12 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub no_seccomp: bool,
+    /// Snapshot the VM into this directory when the guest asks (a write to port 0xf0).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_on_request: Option<PathBuf>,
+    /// After a guest-requested snapshot: resume the VM, or stop it [default: resume].
+    #[arg(long, value_enum)]
+    pub after_snapshot: Option<AfterSnapshot>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +234,22 @@ pub enum ConfigError {
     BadMetricsInterval(String),
     #[error("--pager-workers must be between 1 and 64")]
     BadWorkerCount,
+    #[error("{flag} needs {needs}")]
+    Needs {
+        flag: &'static str,
+        needs: &'static str,
+    },
+    #[error("{flag} cannot be used with restore: {why}")]
+    NotWithRestore {
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("{flag} {given} contradicts the snapshot, which was taken with {saved}")]
+    RestoreConflict {
+        flag: &'static str,
+        given: String,
+        saved: String,
+    },
     #[error("kernel command line is {len} bytes; at most {max} fit")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -268,6 +313,8 @@ impl Settings {
             metrics_interval: self.metrics_interval.or(file.metrics_interval),
             kvm_trace: self.kvm_trace || file.kvm_trace,
             no_seccomp: self.no_seccomp || file.no_seccomp,
+            snapshot_on_request: self.snapshot_on_request.or(file.snapshot_on_request),
+            after_snapshot: self.after_snapshot.or(file.after_snapshot),
         }
     }
 
@@ -276,6 +323,7 @@ impl Settings {
     pub fn into_config(self, builtin: Option<KernelImage>) -> Result<VmConfig, ConfigError> {
         let paging = self.paging_config()?;
         let metrics = self.metrics_config()?;
+        let snapshot_on_request = self.snapshot_on_request_config()?;
         let kernel = match (self.kernel, builtin) {
             (Some(path), _) => {
                 check_readable_file(&path).map_err(|source| ConfigError::KernelFile {
@@ -328,6 +376,107 @@ impl Settings {
             metrics,
             kvm_trace: self.kvm_trace,
             seccomp: !self.no_seccomp,
+            snapshot_on_request,
+        })
+    }
+
+    fn snapshot_on_request_config(&self) -> Result<Option<SnapshotOnRequest>, ConfigError> {
+        match (&self.snapshot_on_request, self.after_snapshot) {
+            (Some(dir), after) => Ok(Some(SnapshotOnRequest {
+                dir: dir.clone(),
+                after: after.unwrap_or_default(),
+            })),
+            (None, Some(_)) => Err(ConfigError::Needs {
+                flag: "--after-snapshot",
+                needs: "--snapshot-on-request",
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Validates the settings of `apfvm restore` against the snapshot: what the snapshot
+    /// fixes (vCPUs, RAM, async PF, CPU features) may be given only as it was saved; what a
+    /// boot needs (kernel, initrd, command line) and host paging are refused.
+    pub fn into_restore_config(
+        self,
+        snapshot: std::sync::Arc<LoadedSnapshot>,
+    ) -> Result<VmConfig, ConfigError> {
+        let saved = &snapshot.state.vm;
+        let booted = "the snapshot holds the booted guest";
+        let paging = "restoring through the pager is not supported yet";
+        let not_with_restore = [
+            (self.kernel.is_some(), "--kernel", booted),
+            (self.initrd.is_some(), "--initrd", booted),
+            (self.cmdline.is_some(), "--cmdline", booted),
+            (
+                self.pager.is_some_and(|p| p != PagerKind::None),
+                "--pager",
+                paging,
+            ),
+            (self.memory_image.is_some(), "--memory-image", booted),
+        ];
+        if let Some(&(_, flag, why)) = not_with_restore.iter().find(|(given, ..)| *given) {
+            return Err(ConfigError::NotWithRestore { flag, why });
+        }
+        // Refuses pager flags without a pager; there is no pager here (refused above).
+        self.paging_config()?;
+        let conflict = |flag: &'static str, given: String, saved: String| {
+            ConfigError::RestoreConflict { flag, given, saved }
+        };
+        if let Some(vcpus) = self.vcpus
+            && vcpus != u32::from(saved.vcpus)
+        {
+            return Err(conflict(
+                "--vcpus",
+                vcpus.to_string(),
+                saved.vcpus.to_string(),
+            ));
+        }
+        if let Some(mem) = &self.mem
+            && parse_size(mem)? != saved.mem_size
+        {
+            return Err(conflict(
+                "--mem",
+                mem.clone(),
+                format!("{} MiB", saved.mem_size >> 20),
+            ));
+        }
+        let on_off = |on: bool| if on { "on" } else { "off" }.to_string();
+        if let Some(apf) = self.apf
+            && (apf == Switch::On) != saved.apf
+        {
+            return Err(conflict(
+                "--apf",
+                on_off(apf == Switch::On),
+                on_off(saved.apf),
+            ));
+        }
+        if let Some(list) = &self.cpu_features {
+            let given = cpuid::describe_feature_edits(&cpuid::parse_feature_edits(list)?);
+            if given != saved.cpu_features {
+                return Err(conflict(
+                    "--cpu-features",
+                    list.clone(),
+                    saved.cpu_features.join(","),
+                ));
+            }
+        }
+        let metrics = self.metrics_config()?;
+        let snapshot_on_request = self.snapshot_on_request_config()?;
+        Ok(VmConfig {
+            initrd: None,
+            cmdline: saved.cmdline.clone(),
+            vcpus: saved.vcpus,
+            mem_size: saved.mem_size,
+            memory_backend: self.memory.unwrap_or_default(),
+            cpu_features: cpuid::parse_feature_edits(&saved.cpu_features.join(","))?,
+            apf: saved.apf,
+            paging: None,
+            metrics,
+            kvm_trace: self.kvm_trace,
+            seccomp: !self.no_seccomp,
+            snapshot_on_request,
+            kernel: KernelImage::Snapshot(snapshot),
         })
     }
 

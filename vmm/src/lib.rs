@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pager;
 pub mod seccomp;
+pub mod snapshot;
 pub mod thread;
 pub mod vcpu;
 pub mod vm;

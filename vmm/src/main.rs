@@ -30,6 +30,8 @@ enum Command {
     Run(RunArgs),
     /// Boot the built-in reference guest (the same flags as `run`; --kernel is optional).
     Demo(RunArgs),
+    /// Bring back a VM saved in a snapshot directory (guest RAM read from its memory file).
+    Restore(RestoreArgs),
     /// Measure guest stalls: busy-task ops rate and fault latency with async PF off/on
     /// against a no-fault baseline and the bare userfaultfd floor (JSON + SVG report).
     Bench(BenchArgs),
@@ -124,6 +126,24 @@ impl RunArgs {
     }
 }
 
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot directory (its state file and memory file).
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn restore(args: &RestoreArgs) -> Result<VmOutcome, Box<dyn std::error::Error>> {
+    let snapshot = vmm::snapshot::load(&args.snapshot)?;
+    let config = args
+        .run
+        .settings()?
+        .into_restore_config(std::sync::Arc::new(snapshot))?;
+    Ok(vm::run(config, &args.run.kvm_device)?)
+}
+
 fn run(
     args: &RunArgs,
     builtin: Option<KernelImage>,
@@ -160,6 +180,7 @@ fn main() -> ExitCode {
             };
         }
         Command::Run(args) => run(args, None),
+        Command::Restore(args) => restore(args),
         Command::Demo(args) => run(
             args,
             Some(KernelImage::Embedded {

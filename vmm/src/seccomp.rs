@@ -18,8 +18,9 @@ use seccompiler::{
 /// What a thread does, and so which system calls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The main thread once the VM runs: event loop (console, signals, stop requests), then
-    /// stopping the vCPUs and tearing down (terminal restore, trace instance removal).
+    /// The main thread once the VM runs: event loop (console, signals, stop requests,
+    /// guest-requested snapshots), then stopping the vCPUs and tearing down (terminal
+    /// restore, trace instance removal).
     Main,
     /// KVM_RUN and the device models behind port I/O (serial output, pager-control evictions).
     Vcpu,
@@ -210,6 +211,17 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_statx,
             libc::SYS_lseek,
             libc::SYS_rmdir,
+            // Guest-requested snapshots: the snapshot directory, its files, fsync, rename.
+            libc::SYS_mkdir,
+            libc::SYS_mkdirat,
+            libc::SYS_ftruncate,
+            libc::SYS_pwrite64,
+            libc::SYS_fsync,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
         ],
         ThreadKind::Vcpu => &[libc::SYS_fallocate],
         ThreadKind::PagerReader => &[

@@ -11,7 +11,10 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use kvm_bindings::{CpuId, kvm_run};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_mp_state,
+    kvm_msr_entry, kvm_run, kvm_xcrs,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
@@ -19,6 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{loader::LoadedKernel, msrs, regs};
 use crate::metrics::VcpuMetrics;
+use crate::snapshot::state::{Msr, VcpuState, msr_restore_order};
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -63,6 +67,30 @@ pub enum VcpuError {
     Msrs { index: u8, set: usize, total: usize },
     #[error("writing boot page tables and GDT: {0}")]
     BootMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("saving vCPU {index}: {what}: {source}")]
+    Save {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("restoring vCPU {index}: {what}: {source}")]
+    Restore {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("restoring vCPU {index}: KVM refused MSR {msr:#x} (value {value:#x})")]
+    MsrRefused { index: u8, msr: u32, value: u64 },
+    #[error(
+        "restoring vCPU {index}: the snapshot's TSC runs at {saved} kHz, this host's at \
+         {here} kHz, and KVM cannot scale it: {source}"
+    )]
+    TscScaling {
+        index: u8,
+        saved: u32,
+        here: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// What one step of the KVM_RUN loop came to.
@@ -190,6 +218,222 @@ impl Vcpu {
         self.fd
             .set_regs(&regs::boot_regs(kernel.mode, kernel.entry.0))
             .map_err(self.setup_err("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    fn save_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Save {
+            index,
+            what,
+            source,
+        }
+    }
+
+    fn restore_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Restore {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Everything KVM holds for this vCPU, from its own thread while it is parked (its pending
+    /// I/O completed). The order is Firecracker's: the MP state first (reading it may accept
+    /// pending INIT/SIPI events, changing LAPIC state), the vCPU events last (other reads can
+    /// change them). `msr_indices`: KVM_GET_MSR_INDEX_LIST; an MSR KVM lists but cannot
+    /// read for this vCPU is left out.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(self.save_err("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(self.save_err("KVM_GET_REGS"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.save_err("KVM_GET_SREGS"))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(self.save_err("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(self.save_err("KVM_GET_XCRS"))?;
+        let debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.save_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.save_err("KVM_GET_LAPIC"))?;
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.save_err("KVM_GET_CPUID2"))?;
+        let mut msrs = self.read_msrs(msr_indices)?;
+        msr_restore_order(&mut msrs);
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.save_err("KVM_GET_VCPU_EVENTS"))?;
+        let nr_xcrs = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+        Ok(VcpuState {
+            index: self.index,
+            mp_state: mp_state.mp_state,
+            regs: (&regs).into(),
+            sregs: (&sregs).into(),
+            debug_regs: (&debug_regs).into(),
+            xcrs: xcrs.xcrs[..nr_xcrs].iter().map(Into::into).collect(),
+            cpuid: cpuid.as_slice().iter().map(Into::into).collect(),
+            tsc_khz,
+            msrs,
+            lapic,
+            xsave,
+            vcpu_events,
+        })
+    }
+
+    /// Reads every MSR in `indices` that KVM can read: KVM_GET_MSRS stops at the first MSR it
+    /// cannot read and returns how many it read, so that one is skipped and the read goes on
+    /// after it.
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<Msr>, VcpuError> {
+        let mut saved = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Save {
+                index: self.index,
+                what: "building the KVM_GET_MSRS list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.save_err("KVM_GET_MSRS"))?;
+            saved.extend(msrs.as_slice()[..read].iter().map(|e| Msr {
+                index: e.index,
+                value: e.data,
+            }));
+            if read < chunk.len() {
+                log::debug!(
+                    "vCPU {}: MSR {:#x} is listed but cannot be read; not saved",
+                    self.index,
+                    chunk[read]
+                );
+                rest = &rest[read + 1..];
+            } else {
+                rest = &rest[read..];
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Puts a saved vCPU back, before its thread starts, in the order KVM needs: TSC rate,
+    /// CPUID, MP state, registers (which clear pending exceptions), special registers (which
+    /// set the APIC base), XSAVE, XCRs, debug registers, the LAPIC (before the MSRs: the TSC
+    /// deadline only takes with the LAPIC set up), the MSRs in `msr_restore_order` (the
+    /// async PF enable last: its write queues the wake-all for tasks that were parked), the
+    /// vCPU events (pending exceptions and interrupts), and kvmclock told that the vCPU was
+    /// stopped.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        if let Some(saved) = state.tsc_khz {
+            let here = self.fd.get_tsc_khz().unwrap_or(0);
+            if here != saved {
+                self.fd
+                    .set_tsc_khz(saved)
+                    .map_err(|source| VcpuError::TscScaling {
+                        index: self.index,
+                        saved,
+                        here,
+                        source,
+                    })?;
+            }
+        }
+        let entries: Vec<kvm_cpuid_entry2> = state.cpuid.iter().map(|&e| e.into()).collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::Restore {
+            index: self.index,
+            what: "building the CPUID list",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.restore_err("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: state.mp_state,
+            })
+            .map_err(self.restore_err("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&(&state.regs).into())
+            .map_err(self.restore_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&(&state.sregs).into())
+            .map_err(self.restore_err("KVM_SET_SREGS"))?;
+        // SAFETY: the area is what KVM_GET_XSAVE gave for a vCPU with this CPUID (the CRC
+        // of the state file vouches for it); KVM checks the header and refuses what it cannot
+        // load.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.restore_err("KVM_SET_XSAVE"))?;
+        let mut xcrs = kvm_xcrs::default();
+        for (slot, x) in xcrs.xcrs.iter_mut().zip(&state.xcrs) {
+            slot.xcr = x.xcr;
+            slot.value = x.value;
+        }
+        xcrs.nr_xcrs = state.xcrs.len().min(xcrs.xcrs.len()) as u32;
+        self.fd
+            .set_xcrs(&xcrs)
+            .map_err(self.restore_err("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&(&state.debug_regs).into())
+            .map_err(self.restore_err("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.restore_err("KVM_SET_LAPIC"))?;
+        self.write_msrs(&state.msrs)?;
+        self.fd
+            .set_vcpu_events(&state.vcpu_events)
+            .map_err(self.restore_err("KVM_SET_VCPU_EVENTS"))?;
+        self.notify_paused();
+        Ok(())
+    }
+
+    /// Writes `msrs` in their order (in chunks of what one KVM_SET_MSRS takes); KVM stops at
+    /// the first MSR it refuses, which is named in the error.
+    fn write_msrs(&self, msrs: &[Msr]) -> Result<(), VcpuError> {
+        for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|m| kvm_msr_entry {
+                    index: m.index,
+                    data: m.value,
+                    ..Default::default()
+                })
+                .collect();
+            let list = Msrs::from_entries(&entries).map_err(|_| VcpuError::Restore {
+                index: self.index,
+                what: "building the KVM_SET_MSRS list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let written = self
+                .fd
+                .set_msrs(&list)
+                .map_err(self.restore_err("KVM_SET_MSRS"))?;
+            if let Some(refused) = chunk.get(written) {
+                return Err(VcpuError::MsrRefused {
+                    index: self.index,
+                    msr: refused.index,
+                    value: refused.value,
+                });
+            }
+        }
         Ok(())
     }
 

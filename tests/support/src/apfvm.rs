@@ -6,12 +6,28 @@ use serde_json::Value;
 /// string as `vmm::vm::PAGER_SUMMARY`, which prints it (a unit test of apfvm's binary checks).
 pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
 
-/// The pager's summary in what apfvm wrote to stderr, parsed.
-pub fn pager_summary(stderr: &str) -> Option<Value> {
+/// How the line about a guest-requested snapshot starts (`apfvm: snapshot: {json}`); the
+/// same string as `vmm::vm::SNAPSHOT_DONE`.
+pub const SNAPSHOT_DONE: &str = "apfvm: snapshot: ";
+
+/// The JSON of every stderr line that starts with `prefix`, in order.
+fn json_lines(stderr: &str, prefix: &str) -> Vec<Value> {
     stderr
         .lines()
-        .find_map(|l| l.strip_prefix(PAGER_SUMMARY))
-        .and_then(|json| serde_json::from_str(json).ok())
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|json| serde_json::from_str(json).ok())
+        .collect()
+}
+
+/// The pager's summary in what apfvm wrote to stderr, parsed.
+pub fn pager_summary(stderr: &str) -> Option<Value> {
+    json_lines(stderr, PAGER_SUMMARY).into_iter().next()
+}
+
+/// Every snapshot apfvm took on the guest's request (id, dir, memory_file, mem_size,
+/// data_pages, millis), in order.
+pub fn snapshots_taken(stderr: &str) -> Vec<Value> {
+    json_lines(stderr, SNAPSHOT_DONE)
 }
 
 #[cfg(test)]

@@ -408,10 +408,11 @@ pub const CASE_LIMIT: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
 mod tests {
-    /// apfvm prints the pager's summary line with the library's prefix; the bench (and the
-    /// tests) read it with the support crate's.
+    /// apfvm prints its final lines with the library's prefixes; the bench (and the tests)
+    /// read them with the support crate's.
     #[test]
-    fn the_pager_summary_is_read_with_the_prefix_it_is_printed_with() {
+    fn result_lines_are_read_with_the_prefixes_they_are_printed_with() {
         assert_eq!(vmm::vm::PAGER_SUMMARY, test_support::apfvm::PAGER_SUMMARY);
+        assert_eq!(vmm::vm::SNAPSHOT_DONE, test_support::apfvm::SNAPSHOT_DONE);
     }
 }

@@ -33,6 +33,7 @@ mod lifecycle;
 mod pages;
 mod ram;
 mod reader;
+mod snapshot;
 mod stats;
 mod store;
 #[cfg(test)]
@@ -55,6 +56,7 @@ use pages::PageTable;
 pub use evictor::EvictPolicy;
 pub use latency::{FaultOrder, LatencyError, LatencyModel, parse_duration};
 pub use ram::RamLayout;
+pub use snapshot::SnapshotPage;
 pub use stats::{PagerStats, PagerSummary};
 pub use store::{PageStore, StoreError};
 

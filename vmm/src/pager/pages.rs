@@ -25,6 +25,14 @@ pub(super) enum PageState {
     Evicted,
 }
 
+/// Where a page's contents are (see `PageTable::contents`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PageContents<'a> {
+    Mapped,
+    Saved(&'a PageData),
+    Store,
+}
+
 /// What a missing-page fault needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MissingFault {
@@ -159,6 +167,21 @@ impl PageTable {
             .enumerate()
             .filter(|(_, s)| **s == PageState::Resident)
             .map(|(page, _)| page as u64)
+    }
+
+    /// Where a page's contents are, for a snapshot of a paused pager: the guest mapping
+    /// (resident, or write-protected mid-eviction), a saved copy (evicted, or evicted and
+    /// now waiting for its fetch), or the store (never served).
+    pub fn contents(&self, page: u64) -> PageContents<'_> {
+        match self.state[page as usize] {
+            PageState::Resident | PageState::Evicting => PageContents::Mapped,
+            PageState::Evicted | PageState::InFlight | PageState::Untouched => {
+                match self.swap.get(&page) {
+                    Some(data) => PageContents::Saved(data),
+                    None => PageContents::Store,
+                }
+            }
+        }
     }
 
     #[cfg(test)]
@@ -296,6 +319,26 @@ mod tests {
         assert!(
             !t.on_wp_fault(0),
             "evicted: stale, the writer faults the page back in"
+        );
+    }
+
+    #[test]
+    fn contents_never_come_from_the_mapping_of_a_missing_page() {
+        let mut t = table();
+        evict(&mut t, 0, 7);
+        assert_eq!(t.on_missing_fault(1), Fetch);
+        assert_eq!(t.contents(0), PageContents::Saved(&page_of(7)));
+        assert_eq!(t.contents(1), PageContents::Store);
+        assert_eq!(t.contents(2), PageContents::Mapped);
+        assert_eq!(t.contents(3), PageContents::Store);
+        // Evicted, then faulted: the fetch is queued, the copy is still the contents.
+        assert_eq!(t.on_missing_fault(0), Fetch);
+        assert_eq!(t.contents(0), PageContents::Saved(&page_of(7)));
+        assert_eq!(t.begin_eviction(&[2]), [2]);
+        assert_eq!(
+            t.contents(2),
+            PageContents::Mapped,
+            "write-protected, still mapped"
         );
     }
 }

@@ -16,6 +16,7 @@ use vm_device::device_manager::{IoManager, PioManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::snapshot::SnapshotRequests;
 use super::{StopReason, StopRequests, Vm, VmError, VmState};
 use crate::arch::x86_64::boot::{self, InitrdPlacement};
 use crate::arch::x86_64::cpuid::{self, CpuidConfig};
@@ -29,29 +30,55 @@ use crate::memory;
 use crate::metrics::VcpuMetrics;
 use crate::pager::{PageStore, Pager};
 use crate::seccomp;
+use crate::snapshot::{self, LoadedSnapshot, SnapshotError};
 use crate::vcpu::Vcpu;
 
-/// See `Vm::build`.
+/// See `Vm::build`. A VM restored from a snapshot (`KernelImage::Snapshot`) is built the same
+/// way up to guest RAM; then, instead of loading a kernel and setting up boot registers,
+/// RAM is filled from the memory file and the in-kernel devices, the vCPUs and the UART are
+/// put back as they were saved (docs/snapshot.md has the order).
 pub(super) fn build(
     config: VmConfig,
     kvm_path: &str,
     metrics_file: Option<File>,
 ) -> Result<Vm, VmError> {
     let stop = Arc::new(StopRequests::new().map_err(|e| VmError::Events(e.to_string()))?);
+    let snapshot_requests =
+        Arc::new(SnapshotRequests::new().map_err(|e| VmError::Events(e.to_string()))?);
     seccomp::enable(config.seccomp).map_err(|e| VmError::Vmm(e.to_string()))?;
     crate::thread::install_panic_hook();
     let kvm = open_kvm(kvm_path)?;
     check_kvm(&kvm, &config)?;
+    let msr_indices: Arc<[u32]> = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .into();
     let vm_fd = create_vm(&kvm)?;
     let memory = memory::create_guest_memory(config.mem_size, config.memory_backend)?;
     memory::register_with_kvm(&vm_fd, &memory)?;
-    let kernel = load_guest(&memory, &config)?;
-    let unstarted = create_vcpus(&kvm, &vm_fd, &memory, &config, &kernel)?;
+    let (unstarted, serial_state) = match &config.kernel {
+        KernelImage::Snapshot(snapshot) => {
+            let vcpus = restore_guest(&vm_fd, &memory, snapshot)?;
+            (vcpus, Some(snapshot.state.serial.clone().into()))
+        }
+        _ => {
+            let kernel = load_guest(&memory, &config)?;
+            (create_vcpus(&kvm, &vm_fd, &memory, &config, &kernel)?, None)
+        }
+    };
     // /dev/kvm itself is not needed once the VM and its vCPUs exist.
     drop(kvm);
     let pager = start_pager(&memory, &config, &stop)?;
     let console = Arc::new(ConsoleOutput::new().map_err(|e| VmError::Events(e.to_string()))?);
-    let (io, serial) = create_devices(&vm_fd, &stop, pager.as_ref(), &console)?;
+    let (io, serial) = create_devices(
+        &vm_fd,
+        &stop,
+        &snapshot_requests,
+        pager.as_ref(),
+        &console,
+        serial_state,
+    )?;
     let trace = if config.kvm_trace {
         Some(Arc::new(KvmTrace::start(stop.failure_report())?))
     } else {
@@ -74,11 +101,39 @@ pub(super) fn build(
         vm_fd,
         memory,
         stop,
+        snapshot_requests,
+        msr_indices,
         state: VmState::Built,
         config,
         pager_summary: None,
         trace_summary: None,
     })
+}
+
+/// Guest RAM from the memory file, then the VM-wide in-kernel state, then each vCPU
+/// (created here; CPUID and everything else come from the snapshot).
+fn restore_guest(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    snapshot: &LoadedSnapshot,
+) -> Result<Vec<Vcpu>, VmError> {
+    let path = &snapshot.memory_path;
+    let read_err = |source| {
+        VmError::Restore(SnapshotError::Read {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let file = File::open(path).map_err(read_err)?;
+    snapshot::memory::fill(&file, mem).map_err(read_err)?;
+    super::snapshot::restore_platform(vm, &snapshot.state.platform)?;
+    let mut vcpus = Vec::new();
+    for saved in &snapshot.state.vcpus {
+        let vcpu = Vcpu::new(vm, saved.index)?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -160,6 +215,7 @@ fn load_kernel(
         KernelImage::Embedded { name, bytes } => {
             loader::load_kernel(mem, ram_end, &mut Cursor::new(*bytes), name)
         }
+        KernelImage::Snapshot(_) => unreachable!("a restored VM loads no kernel"),
     }
 }
 
@@ -206,20 +262,27 @@ fn load_cmdline(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<usize, VmErr
 fn create_devices(
     vm: &VmFd,
     stop: &Arc<StopRequests>,
+    snapshot_requests: &Arc<SnapshotRequests>,
     pager: Option<&Arc<Pager>>,
     console: &Arc<ConsoleOutput>,
+    serial_state: Option<vm_superio::serial::SerialState>,
 ) -> Result<(IoManager, Arc<Mutex<SerialConsole>>), VmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Events(e.to_string()))?;
     vm.register_irqfd(&irq, devices::serial::COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(irq, console.writer())));
+    let uart = match serial_state {
+        Some(state) => SerialConsole::from_state(irq, console.writer(), &state)
+            .map_err(|e| VmError::Vmm(format!("restoring the UART: {e}")))?,
+        None => SerialConsole::new(irq, console.writer()),
+    };
+    let serial = Arc::new(Mutex::new(uart));
     let mut io = IoManager::new();
     let range = |base: u16, len: u16| PioRange::new(PioAddress(base), len).expect("valid range");
     let register = |io: &mut IoManager, r, d| {
         io.register_pio(r, d)
             .map_err(|e| VmError::Vmm(format!("registering a device: {e}")))
     };
-    use devices::{debug_exit as dx, i8042 as kb, serial as com};
+    use devices::{debug_exit as dx, i8042 as kb, serial as com, snapshot_request as sr};
     register(
         &mut io,
         range(com::COM1_PORT, com::COM1_PORT_LEN),
@@ -234,6 +297,13 @@ fn create_devices(
         &mut io,
         range(dx::DEBUG_EXIT_PORT, dx::DEBUG_EXIT_PORT_LEN),
         Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+    )?;
+    register(
+        &mut io,
+        range(sr::SNAPSHOT_REQUEST_PORT, sr::SNAPSHOT_REQUEST_PORT_LEN),
+        Arc::new(Mutex::new(devices::SnapshotRequest::new(
+            snapshot_requests.clone(),
+        ))),
     )?;
     if let Some(pager) = pager {
         use devices::pager_control as pc;

@@ -19,6 +19,7 @@
 
 mod build;
 mod run;
+mod snapshot;
 mod stop;
 mod vcpus;
 
@@ -32,7 +33,8 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryMmap;
 
 pub use build::open_kvm;
-pub use run::{PAGER_SUMMARY, run};
+pub use run::{PAGER_SUMMARY, SNAPSHOT_DONE, run};
+pub use snapshot::SnapshotRequests;
 pub use stop::{StopReason, StopRequests};
 
 use crate::arch::x86_64::boot;
@@ -137,6 +139,8 @@ pub enum VmError {
     PauseTimeout(Duration),
     #[error("vCPU thread(s) {0} did not stop within the stop budget")]
     StopTimeout(String),
+    #[error("restoring: {0}")]
+    Restore(crate::snapshot::SnapshotError),
     #[error("{0}")]
     Fault(VcpuFault),
     #[error("{0}")]
@@ -162,6 +166,9 @@ pub struct Vm {
     vm_fd: VmFd,
     memory: GuestMemoryMmap,
     stop: Arc<StopRequests>,
+    snapshot_requests: Arc<SnapshotRequests>,
+    /// What KVM_GET_MSR_INDEX_LIST said at build: the MSRs a snapshot saves.
+    msr_indices: Arc<[u32]>,
     state: VmState,
     config: VmConfig,
     /// What the pager said when it stopped, and the trace's last word.
@@ -194,6 +201,11 @@ impl Vm {
     /// waits on its event.
     pub fn stop_requests(&self) -> &Arc<StopRequests> {
         &self.stop
+    }
+
+    /// Where the guest's snapshot requests arrive; the VM's owner waits on its event.
+    pub fn snapshot_requests(&self) -> &Arc<SnapshotRequests> {
+        &self.snapshot_requests
     }
 
     /// The guest's console output, for the owner to drain.

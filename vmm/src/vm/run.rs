@@ -10,8 +10,8 @@ use std::time::Instant;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{STOP_BUDGET, StopReason, StopRequests, Vm, VmError, VmOutcome};
-use crate::config::VmConfig;
+use super::{STOP_BUDGET, SnapshotRequests, StopReason, StopRequests, Vm, VmError, VmOutcome};
+use crate::config::{AfterSnapshot, VmConfig};
 use crate::console::{self, ConsoleDrain, ConsoleOutput, RawTerminal, SerialInput};
 use crate::kvm_trace::KvmTrace;
 use crate::metrics::{self, VcpuMetrics};
@@ -22,6 +22,11 @@ use crate::seccomp::{self, ThreadKind};
 /// that read the line (tests/support's `apfvm::pager_summary`) have their own copy of it;
 /// a unit test of apfvm's binary checks that the two are the same.
 pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
+
+/// How the line about a snapshot the guest asked for starts (`apfvm: snapshot: {json}`, the
+/// fields of `snapshot::SnapshotInfo`); tests/support has its own copy, checked like
+/// `PAGER_SUMMARY`'s.
+pub const SNAPSHOT_DONE: &str = "apfvm: snapshot: ";
 
 /// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
 pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
@@ -48,7 +53,7 @@ pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     // From here on the main thread only runs the event loop and tears the VM down.
     let loop_result = seccomp::confine(ThreadKind::Main)
         .map_err(|e| VmError::Vmm(e.to_string()))
-        .and_then(|()| run_event_loop(&vm, signals));
+        .and_then(|()| run_event_loop(&mut vm, signals));
     if let Err(e) = &loop_result {
         vm.stop_requests().request(StopReason::Vmm(e.to_string()));
     }
@@ -108,11 +113,12 @@ struct MetricsSample {
     console_dropped_bytes: u64,
 }
 
-fn run_event_loop(vm: &Vm, signals: SignalListener) -> Result<(), VmError> {
-    let stop = vm.stop_requests();
+fn run_event_loop(vm: &mut Vm, signals: SignalListener) -> Result<(), VmError> {
+    let stop = vm.stop_requests().clone();
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
         EventManager::new().map_err(|e| VmError::Events(format!("{e:?}")))?;
     events.add_subscriber(Box::new(StopListener(stop.clone())));
+    events.add_subscriber(Box::new(SnapshotListener(vm.snapshot_requests().clone())));
     events.add_subscriber(Box::new(signals));
     events.add_subscriber(Box::new(ConsoleDrain::new(vm.console().clone())));
     let _raw = if console::stdin_is_pollable() {
@@ -125,8 +131,53 @@ fn run_event_loop(vm: &Vm, signals: SignalListener) -> Result<(), VmError> {
         events
             .run()
             .map_err(|e| VmError::Events(format!("event loop: {e:?}")))?;
+        if vm.snapshot_requests().take() && !stop.is_requested() {
+            snapshot_on_request(vm)?;
+        }
     }
     Ok(())
+}
+
+/// A guest asked for a snapshot: pause, save into `--snapshot-on-request`'s directory, then
+/// resume or stop as configured. The guest's console input waits meanwhile (this loop does
+/// not read it). A failed snapshot is reported and the VM resumes: nothing of it is lost.
+fn snapshot_on_request(vm: &mut Vm) -> Result<(), VmError> {
+    let Some(target) = vm.config().snapshot_on_request.clone() else {
+        log::warn!("the guest asked for a snapshot, but --snapshot-on-request is not set");
+        return Ok(());
+    };
+    vm.pause()?;
+    let stderr = console::stderr();
+    let deadline = Instant::now() + STOP_BUDGET;
+    match vm.snapshot(&target.dir) {
+        Ok(info) => {
+            let json = serde_json::to_string(&info).expect("snapshot info serializes");
+            stderr.write_until(format!("{SNAPSHOT_DONE}{json}\n").as_bytes(), deadline);
+            if target.after == AfterSnapshot::Stop {
+                vm.stop_requests().request(StopReason::Owner);
+                return Ok(());
+            }
+        }
+        Err(e) => {
+            stderr.write_until(
+                format!("apfvm: error: snapshot failed: {e}\n").as_bytes(),
+                deadline,
+            );
+        }
+    }
+    vm.resume()
+}
+
+/// Wakes the event loop when the guest asks for a snapshot (the loop takes the request).
+struct SnapshotListener(Arc<SnapshotRequests>);
+
+impl MutEventSubscriber for SnapshotListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.event, EventSet::IN)) {
+            log::warn!("cannot watch snapshot requests: {e:?}");
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {}
 }
 
 /// Wakes the event loop when a stop is requested.

@@ -14,7 +14,8 @@ use super::stop::{StopReason, StopRequests};
 use crate::metrics::VcpuMetrics;
 use crate::pager::Pager;
 use crate::seccomp::ThreadKind;
-use crate::vcpu::{self, Vcpu, VcpuAction};
+use crate::snapshot::state::VcpuState;
+use crate::vcpu::{self, Vcpu, VcpuAction, VcpuError};
 
 /// What the owner wants the vCPUs to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,16 @@ struct Control {
     parked: usize,
     /// Threads that left their loop.
     exited: usize,
+    /// A state save the owner asked the parked vCPUs for.
+    save: Option<SaveJob>,
+}
+
+/// Each parked vCPU saves its own state on its own thread (vCPU ioctls belong there).
+#[derive(Debug)]
+struct SaveJob {
+    msr_indices: Arc<[u32]>,
+    /// By vCPU index; filled in by each vCPU's thread.
+    results: Vec<Option<Result<VcpuState, VcpuError>>>,
 }
 
 struct Shared {
@@ -69,6 +80,7 @@ impl VcpuThreads {
                 desired: Desired::Run,
                 parked: 0,
                 exited: 0,
+                save: None,
             }),
             changed: Condvar::new(),
         });
@@ -167,6 +179,40 @@ impl VcpuThreads {
         self.set(Desired::Run);
     }
 
+    /// Every vCPU's state, saved by its own parked thread (the vCPUs must be paused); None
+    /// when some vCPU did not answer by `deadline` (it left its loop: the VM is stopping).
+    pub fn save_states(
+        &self,
+        msr_indices: Arc<[u32]>,
+        deadline: Instant,
+    ) -> Option<Result<Vec<VcpuState>, VcpuError>> {
+        let total = self.threads.len();
+        let mut control = self.lock();
+        control.save = Some(SaveJob {
+            msr_indices,
+            results: (0..total).map(|_| None).collect(),
+        });
+        self.shared.changed.notify_all();
+        loop {
+            let job = control.save.as_ref().expect("the owner's save job");
+            if job.results.iter().all(Option::is_some) {
+                let job = control.save.take().expect("the owner's save job");
+                return Some(job.results.into_iter().flatten().collect());
+            }
+            let now = Instant::now();
+            if now >= deadline || control.exited > 0 {
+                control.save = None;
+                return None;
+            }
+            control = self
+                .shared
+                .changed
+                .wait_timeout(control, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Stops every vCPU thread and joins it; returns the names of threads that had not left
     /// by `deadline` (they are left running: what they use must then outlive the process).
     pub fn stop(&mut self, deadline: Instant) -> Vec<String> {
@@ -217,6 +263,23 @@ fn wait_for_run(vcpu: &mut Vcpu, shared: &Shared) -> bool {
         control.parked += 1;
         shared.changed.notify_all();
         while control.desired == Desired::Pause {
+            let index = usize::from(vcpu.index);
+            let msrs = match &control.save {
+                Some(job) if job.results.get(index).is_some_and(Option::is_none) => {
+                    Some(job.msr_indices.clone())
+                }
+                _ => None,
+            };
+            if let Some(msrs) = msrs {
+                drop(control);
+                let saved = vcpu.save_state(&msrs);
+                control = shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(job) = control.save.as_mut() {
+                    job.results[index] = Some(saved);
+                }
+                shared.changed.notify_all();
+                continue;
+            }
             control = shared
                 .changed
                 .wait(control)

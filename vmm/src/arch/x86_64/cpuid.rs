@@ -118,6 +118,14 @@ pub enum CpuidError {
 }
 
 /// Parses a comma-separated list of `+feature`, `-feature` and template names.
+/// The edits as `+name`/`-name`, templates expanded: what a snapshot records.
+pub fn describe_feature_edits(edits: &[FeatureEdit]) -> Vec<String> {
+    edits
+        .iter()
+        .map(|e| format!("{}{}", if e.enable { '+' } else { '-' }, e.name))
+        .collect()
+}
+
 pub fn parse_feature_edits(list: &str) -> Result<Vec<FeatureEdit>, CpuidError> {
     let mut edits = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
