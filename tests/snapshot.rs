@@ -58,7 +58,7 @@ fn restore(dir: &Path, extra: &[&str]) -> Run {
 /// the whole region was evicted, so the memory file gets pages from the pager's saved copies,
 /// never through the guest mapping) with a task parked on each CPU. The restored guest's
 /// parked tasks are freed by the wake-all that restoring MSR_KVM_ASYNC_PF_EN queues, and the
-/// workload finishes with every byte and token right.
+/// workload finishes with every byte and token right, whichever way guest RAM is restored.
 #[test]
 fn tasks_parked_at_snapshot_time_finish_after_restore() {
     if !kvm_available() {
@@ -94,21 +94,41 @@ fn tasks_parked_at_snapshot_time_finish_after_restore() {
     );
     assert!(field(&info, "data_pages") > 16, "{info}");
 
-    let restored = restore(&snap, &[]);
-    assert_eq!(restored.code(), Some(0), "{}", restored.describe());
-    let result = guest_result(&restored);
-    assert_eq!(result["verdict"], "pass", "{}", restored.describe());
-    assert_guest_checks_clean(&result);
-    assert_eq!(field(&result, "pages_touched"), 32, "{result}");
-    assert_eq!(field(&result, "snapshot_requested"), 1, "{result}");
-    assert!(
-        restored
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with("apfvm-ref: cpu"))
-            .any(|l| !l.contains("wakeall_woken=0 ")),
-        "a task parked at snapshot time was freed by a wake-all: {}",
-        restored.describe()
+    // Guest RAM read in from the memory file, or the file mapped privately (the host kernel
+    // pages it in).
+    for memory in ["anon", "file"] {
+        let restored = restore(&snap, &["--memory", memory]);
+        assert_eq!(
+            restored.code(),
+            Some(0),
+            "{memory}: {}",
+            restored.describe()
+        );
+        let result = guest_result(&restored);
+        assert_eq!(
+            result["verdict"],
+            "pass",
+            "{memory}: {}",
+            restored.describe()
+        );
+        assert_guest_checks_clean(&result);
+        assert_eq!(field(&result, "pages_touched"), 32, "{result}");
+        assert_eq!(field(&result, "snapshot_requested"), 1, "{result}");
+        assert!(
+            restored
+                .stdout
+                .lines()
+                .filter(|l| l.starts_with("apfvm-ref: cpu"))
+                .any(|l| !l.contains("wakeall_woken=0 ")),
+            "a task parked at snapshot time was freed by a wake-all: {}",
+            restored.describe()
+        );
+    }
+    let meta_after = std::fs::metadata(&memory).unwrap();
+    assert_eq!(
+        meta_after.modified().unwrap(),
+        meta.modified().unwrap(),
+        "a restore never writes the memory file"
     );
 }
 
@@ -303,6 +323,13 @@ fn bad_snapshots_and_conflicting_flags_are_refused() {
         }
         assert!(run.stdout.is_empty(), "no guest ran: {}", run.describe());
     }
+    let boot = apfvm(&["demo", "--memory", "file"], LIMIT);
+    assert_eq!(boot.code(), Some(1), "{}", boot.describe());
+    assert!(
+        boot.stderr.contains("--memory file needs `apfvm restore`"),
+        "{}",
+        boot.describe()
+    );
     // The good one restores (and the damaged copies did not touch it).
     let run = restore(&good, &[]);
     assert_eq!(run.code(), Some(0), "{}", run.describe());

@@ -324,6 +324,12 @@ impl Settings {
         let paging = self.paging_config()?;
         let metrics = self.metrics_config()?;
         let snapshot_on_request = self.snapshot_on_request_config()?;
+        if self.memory == Some(MemoryBackend::File) {
+            return Err(ConfigError::Needs {
+                flag: "--memory file",
+                needs: "`apfvm restore` (it maps a snapshot's memory file)",
+            });
+        }
         let kernel = match (self.kernel, builtin) {
             (Some(path), _) => {
                 check_readable_file(&path).map_err(|source| ConfigError::KernelFile {

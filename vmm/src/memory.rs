@@ -24,6 +24,10 @@ pub enum MemoryBackend {
     Anon,
     /// A memfd mapped shared.
     Memfd,
+    /// `apfvm restore` only: the snapshot's memory file mapped privately, as Firecracker's File
+    /// backend. The host kernel reads each page from the file on first touch (copy on write;
+    /// the file is never written). No pager: userfaultfd cannot register file mappings.
+    File,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,13 @@ pub enum MemoryError {
     Map {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("--memory file maps a snapshot's memory file: it needs `apfvm restore`")]
+    FileNeedsSnapshot,
+    #[error("mapping the memory file {path}: {source}")]
+    MapFile {
+        path: String,
+        source: std::io::Error,
     },
     #[error("registering guest RAM with KVM (slot {slot}): {source}")]
     Register {
@@ -94,7 +105,39 @@ pub fn create_guest_memory(
             }
             GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(map_err)
         }
+        MemoryBackend::File => Err(MemoryError::FileNeedsSnapshot),
     }
+}
+
+/// Maps `path` (a memory file of exactly `size` bytes, in RAM-offset order) privately as guest
+/// RAM: pages come from the file on first touch, writes stay in this process.
+pub fn map_file_private(size: u64, path: &std::path::Path) -> Result<GuestMemoryMmap, MemoryError> {
+    let map_err = |source: std::io::Error| MemoryError::MapFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(map_err)?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let f = file.try_clone().map_err(map_err)?;
+        let mapping = vm_memory::MmapRegion::<()>::build(
+            Some(FileOffset::new(f, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+        )
+        .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
+            map_err(std::io::Error::other(
+                "region does not fit the guest's address space",
+            ))
+        })?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| map_err(std::io::Error::other(e.to_string())))
 }
 
 /// Registers every region of `mem` as a KVM memslot.

@@ -26,7 +26,7 @@ use crate::arch::x86_64::mptable;
 use crate::config::{KernelImage, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::kvm_trace::KvmTrace;
-use crate::memory;
+use crate::memory::{self, MemoryBackend};
 use crate::metrics::VcpuMetrics;
 use crate::pager::{PageStore, Pager};
 use crate::seccomp;
@@ -55,11 +55,17 @@ pub(super) fn build(
         .as_slice()
         .into();
     let vm_fd = create_vm(&kvm)?;
-    let memory = memory::create_guest_memory(config.mem_size, config.memory_backend)?;
+    let memory = match (&config.kernel, config.memory_backend) {
+        (KernelImage::Snapshot(snapshot), MemoryBackend::File) => {
+            memory::map_file_private(config.mem_size, &snapshot.memory_path)?
+        }
+        _ => memory::create_guest_memory(config.mem_size, config.memory_backend)?,
+    };
     memory::register_with_kvm(&vm_fd, &memory)?;
     let (unstarted, serial_state) = match &config.kernel {
         KernelImage::Snapshot(snapshot) => {
-            let vcpus = restore_guest(&vm_fd, &memory, snapshot)?;
+            let filled = config.memory_backend == MemoryBackend::File;
+            let vcpus = restore_guest(&vm_fd, &memory, snapshot, filled)?;
             (vcpus, Some(snapshot.state.serial.clone().into()))
         }
         _ => {
@@ -110,22 +116,26 @@ pub(super) fn build(
     })
 }
 
-/// Guest RAM from the memory file, then the VM-wide in-kernel state, then each vCPU
-/// (created here; CPUID and everything else come from the snapshot).
+/// Guest RAM from the memory file (read in now, unless RAM maps the file), then the VM-wide
+/// in-kernel state, then each vCPU (created here; CPUID and everything else come from the
+/// snapshot).
 fn restore_guest(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     snapshot: &LoadedSnapshot,
+    mapped_from_file: bool,
 ) -> Result<Vec<Vcpu>, VmError> {
-    let path = &snapshot.memory_path;
-    let read_err = |source| {
-        VmError::Restore(SnapshotError::Read {
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    let file = File::open(path).map_err(read_err)?;
-    snapshot::memory::fill(&file, mem).map_err(read_err)?;
+    if !mapped_from_file {
+        let path = &snapshot.memory_path;
+        let read_err = |source| {
+            VmError::Restore(SnapshotError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let file = File::open(path).map_err(read_err)?;
+        snapshot::memory::fill(&file, mem).map_err(read_err)?;
+    }
     super::snapshot::restore_platform(vm, &snapshot.state.platform)?;
     let mut vcpus = Vec::new();
     for saved in &snapshot.state.vcpus {
