@@ -158,6 +158,61 @@ fn the_saved_vm_and_its_restored_copy_both_finish() {
     }
 }
 
+/// Without host paging: a snapshot taken as soon as the guest's CPUs are up (never-written
+/// RAM is left out of the memory file without being read), restored into a VM that goes on
+/// from the guest's next line, both with RAM read in and with the file mapped.
+#[test]
+fn a_vm_without_host_paging_snapshots_at_start_and_restores() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let snap = dir.as_path().join("snap");
+    let saved = apfvm(
+        &[
+            "demo",
+            "--vcpus",
+            "2",
+            "--mem",
+            "1G",
+            "--snapshot-on-request",
+            path_str(&snap),
+            "--after-snapshot",
+            "stop",
+            "--cmdline",
+            "snapshot_at_start=1",
+        ],
+        LIMIT,
+    );
+    assert_eq!(saved.code(), Some(0), "{}", saved.describe());
+    assert!(!saved.stdout.contains("running after the snapshot request"));
+    let info = snapshot_taken(&saved);
+    let pages = field(&info, "data_pages");
+    assert!(
+        pages > 0 && pages < 4096,
+        "only what the guest wrote (its image, stacks, tables): {info}"
+    );
+    for memory in ["anon", "file"] {
+        let run = restore(&snap, &["--memory", memory]);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let first = run.stdout.lines().next().unwrap_or_default();
+        assert_eq!(
+            first,
+            "apfvm-ref: running after the snapshot request",
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout
+                .contains("APFVM-RESULT {\"verdict\":\"pass\",\"cpus\":2}"),
+            "{}",
+            run.describe()
+        );
+        let restored = test_support::apfvm::restored(&run.stderr).expect("restored line");
+        assert_eq!(restored["id"], info["id"], "{restored}");
+    }
+}
+
 /// A snapshot that cannot be written (a directory where there cannot be one; a full disk) is
 /// an error on stderr, and the VM resumes and finishes as if nothing had happened.
 #[test]

@@ -50,6 +50,7 @@ bool workload_parse_word(const char *w, size_t len)
 		bool *val;
 	} flags[] = {
 		{ "evict=", &wl.evict }, { "dummy=", &wl.dummy },
+		{ "snapshot_at_start=", &wl.snapshot_at_start },
 	};
 
 	for (size_t i = 0; i < ARRAY_SIZE(nums); i++) {

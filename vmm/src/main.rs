@@ -45,8 +45,26 @@ enum BenchGuestKind {
     Linux,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+enum BenchSuite {
+    /// Guest stalls with async PF off and on (the default).
+    #[default]
+    Stalls,
+    /// Snapshot create and restore times against `cp` of the memory file.
+    Snapshot,
+}
+
 #[derive(Args)]
 struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value = "stalls")]
+    suite: BenchSuite,
+    /// Guest RAM sizes of the snapshot bench.
+    #[arg(long, value_name = "LIST", default_value = "128M,1G")]
+    snapshot_sizes: String,
+    /// Runs per size of the snapshot bench (medians are reported).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    runs: usize,
     /// The guest every case boots.
     #[arg(long, value_enum, default_value = "reference")]
     guest: BenchGuestKind,
@@ -74,6 +92,22 @@ struct BenchArgs {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.suite == BenchSuite::Snapshot {
+        let opts = bench::snapshot::SnapshotBenchOptions {
+            sizes: bench::parse_list(&args.snapshot_sizes),
+            runs: args.runs.max(1),
+            output: args.output.clone(),
+            kvm_device: args.kvm_device.clone(),
+        };
+        let report = bench::snapshot::run(&opts)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        eprint!("{}", bench::snapshot::table(&report));
+        eprintln!(
+            "apfvm bench snapshot: wrote {}",
+            args.output.join("snapshot.json").display()
+        );
+        return Ok(());
+    }
     let vcpus = bench::parse_list(&args.vcpus_list)
         .iter()
         .map(|v| v.parse::<u8>())

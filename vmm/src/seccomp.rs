@@ -211,7 +211,9 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_statx,
             libc::SYS_lseek,
             libc::SYS_rmdir,
-            // Guest-requested snapshots: the snapshot directory, its files, fsync, rename.
+            // Guest-requested snapshots: the snapshot directory, its files, fsync, rename, and
+            // /proc/self/pagemap (which pages were never written).
+            libc::SYS_pread64,
             libc::SYS_mkdir,
             libc::SYS_mkdirat,
             libc::SYS_ftruncate,

@@ -10,6 +10,15 @@ pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
 /// same string as `vmm::vm::SNAPSHOT_DONE`.
 pub const SNAPSHOT_DONE: &str = "apfvm: snapshot: ";
 
+/// How the line about a restored VM starts (`apfvm: restored: {json}`); the same string as
+/// `vmm::vm::RESTORED`.
+pub const RESTORED: &str = "apfvm: restored: ";
+
+/// What apfvm said about the VM it restored (id, millis from the call to running vCPUs).
+pub fn restored(stderr: &str) -> Option<Value> {
+    json_lines(stderr, RESTORED).into_iter().next()
+}
+
 /// The JSON of every stderr line that starts with `prefix`, in order.
 fn json_lines(stderr: &str, prefix: &str) -> Vec<Value> {
     stderr

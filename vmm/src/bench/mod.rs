@@ -14,6 +14,7 @@
 
 mod floor;
 mod report;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -377,7 +378,7 @@ fn write_outputs(dir: &Path, report: &Value, results: &[CaseResult]) -> Result<(
     report::draw_chart(&dir.join("bench.svg"), results).map_err(BenchError::Chart)
 }
 
-fn machine_description() -> String {
+pub(crate) fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -414,5 +415,6 @@ mod tests {
     fn result_lines_are_read_with_the_prefixes_they_are_printed_with() {
         assert_eq!(vmm::vm::PAGER_SUMMARY, test_support::apfvm::PAGER_SUMMARY);
         assert_eq!(vmm::vm::SNAPSHOT_DONE, test_support::apfvm::SNAPSHOT_DONE);
+        assert_eq!(vmm::vm::RESTORED, test_support::apfvm::RESTORED);
     }
 }

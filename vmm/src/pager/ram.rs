@@ -121,6 +121,32 @@ impl RamLayout {
         Ok(resident)
     }
 
+    /// Pages that read as zeros without being read: in anonymous memory (no backing file),
+    /// and neither present nor swapped out (/proc/self/pagemap bits 63 and 62), so never
+    /// written. A snapshot leaves them as holes without touching them.
+    pub fn untouched_anon_pages(&self) -> std::io::Result<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let mut untouched = Vec::with_capacity(self.pages as usize);
+        for r in &self.regions {
+            let pages = r.len as usize / PAGE_SIZE;
+            if r.file.is_some() {
+                untouched.extend(std::iter::repeat_n(false, pages));
+                continue;
+            }
+            let mut entries = vec![0u8; pages * 8];
+            let offset = (r.host / PAGE_SIZE) as u64 * 8;
+            pagemap.read_exact_at(&mut entries, offset)?;
+            untouched.extend(entries.chunks_exact(8).map(|e| {
+                let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                entry & (PRESENT | SWAPPED) == 0
+            }));
+        }
+        Ok(untouched)
+    }
+
     /// Splits sorted page numbers into runs that are contiguous in one host mapping.
     pub fn runs(&self, sorted_pages: &[u64]) -> Vec<HostRun> {
         let mut runs: Vec<HostRun> = Vec::new();
@@ -199,6 +225,23 @@ mod tests {
         assert_eq!(runs.len(), 2);
         assert_eq!((runs[0].first_page, runs[0].pages), (1, 3));
         assert_eq!((runs[1].first_page, runs[1].pages), (7, 2));
+    }
+
+    #[test]
+    fn only_never_written_anonymous_pages_count_as_untouched() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
+        mem.write_obj(7u8, GuestAddress(0x3000)).unwrap();
+        let untouched = RamLayout::new(&mem).untouched_anon_pages().unwrap();
+        assert_eq!(untouched.len(), 1024);
+        assert!(!untouched[3]);
+        assert_eq!(untouched.iter().filter(|u| !**u).count(), 1);
+        let shared = create_guest_memory(4 << 20, MemoryBackend::Memfd).unwrap();
+        let untouched = RamLayout::new(&shared).untouched_anon_pages().unwrap();
+        assert!(
+            untouched.iter().all(|u| !u),
+            "file-backed pages are always read"
+        );
     }
 
     #[test]

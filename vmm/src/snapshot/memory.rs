@@ -30,8 +30,13 @@ pub fn write(file: &File, mem: &GuestMemoryMmap, pager: Option<&Pager>) -> io::R
             SnapshotPage::Data(bytes) => writer.data(page, bytes),
         })?,
         None => {
+            let untouched = ram.untouched_anon_pages()?;
             for page in 0..ram.pages() {
-                writer.mapped(page)?;
+                if untouched[page as usize] {
+                    writer.flush()?;
+                } else {
+                    writer.mapped(page)?;
+                }
             }
         }
     }

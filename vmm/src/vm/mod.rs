@@ -33,7 +33,7 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryMmap;
 
 pub use build::open_kvm;
-pub use run::{PAGER_SUMMARY, SNAPSHOT_DONE, run};
+pub use run::{PAGER_SUMMARY, RESTORED, SNAPSHOT_DONE, run};
 pub use snapshot::SnapshotRequests;
 pub use stop::{StopReason, StopRequests};
 
@@ -271,8 +271,12 @@ impl Vm {
             pager: self.pager.clone(),
         };
         let vcpus = std::mem::take(&mut self.unstarted);
-        self.vcpu_threads =
-            Some(VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?);
+        let threads =
+            VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?;
+        if self.config.snapshot_on_request.is_some() {
+            self.snapshot_requests.set_pauser(threads.pauser());
+        }
+        self.vcpu_threads = Some(threads);
         self.state = VmState::Running;
         Ok(())
     }

@@ -11,7 +11,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 
 use super::{STOP_BUDGET, SnapshotRequests, StopReason, StopRequests, Vm, VmError, VmOutcome};
-use crate::config::{AfterSnapshot, VmConfig};
+use crate::config::{AfterSnapshot, KernelImage, VmConfig};
 use crate::console::{self, ConsoleDrain, ConsoleOutput, RawTerminal, SerialInput};
 use crate::kvm_trace::KvmTrace;
 use crate::metrics::{self, VcpuMetrics};
@@ -28,8 +28,21 @@ pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
 /// `PAGER_SUMMARY`'s.
 pub const SNAPSHOT_DONE: &str = "apfvm: snapshot: ";
 
+/// How the line about a restored VM starts (`apfvm: restored: {json}`, `RestoredInfo`), printed
+/// once its vCPUs run; tests/support has its own copy.
+pub const RESTORED: &str = "apfvm: restored: ";
+
+/// What a restore took: from `run` being called to the vCPUs running (the guest's next
+/// instruction).
+#[derive(serde::Serialize)]
+struct RestoredInfo<'a> {
+    id: &'a str,
+    millis: f64,
+}
+
 /// Builds the VM described by `config`, runs it until it stops, and reports how it ended.
 pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
+    let called = Instant::now();
     // Opened before any signal is masked: opening a file can block (a FIFO is refused, but
     // the check and the open are not one step).
     let metrics_file = match &config.metrics {
@@ -50,6 +63,17 @@ pub fn run(config: VmConfig, kvm_path: &str) -> Result<VmOutcome, VmError> {
     let mut vm = Vm::build(config, kvm_path, metrics_file)?;
     signals.stop.set(vm.stop_requests().clone()).ok();
     vm.start()?;
+    if let KernelImage::Snapshot(snapshot) = &vm.config().kernel {
+        let info = RestoredInfo {
+            id: &snapshot.state.id,
+            millis: called.elapsed().as_secs_f64() * 1e3,
+        };
+        let json = serde_json::to_string(&info).expect("restore info serializes");
+        console::stderr().write_until(
+            format!("{RESTORED}{json}\n").as_bytes(),
+            Instant::now() + STOP_BUDGET,
+        );
+    }
     // From here on the main thread only runs the event loop and tears the VM down.
     let loop_result = seccomp::confine(ThreadKind::Main)
         .map_err(|e| VmError::Vmm(e.to_string()))

@@ -122,10 +122,13 @@ impl Vm {
 }
 
 /// A guest's pending snapshot request (the snapshot-request port), for the VM's owner: its
-/// event wakes the owner's loop.
+/// event wakes the owner's loop. Once the VM runs with somewhere to put snapshots, a request
+/// also parks the requesting vCPU right after its port write (`pauser`), so the snapshot is
+/// taken exactly there, not a few instructions later.
 pub struct SnapshotRequests {
     pending: AtomicBool,
     pub event: EventFd,
+    pauser: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl SnapshotRequests {
@@ -133,7 +136,14 @@ impl SnapshotRequests {
         Ok(SnapshotRequests {
             pending: AtomicBool::new(false),
             event: EventFd::new(EFD_NONBLOCK)?,
+            pauser: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Set by the VM when it starts, if snapshots have somewhere to go (the owner then
+    /// always pauses and resumes or stops after a request).
+    pub(super) fn set_pauser(&self, pauser: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.pauser.set(pauser);
     }
 
     /// Whether a request came since the last call (and clears it).
@@ -145,6 +155,9 @@ impl SnapshotRequests {
 
 impl devices::SnapshotRequestHandler for SnapshotRequests {
     fn snapshot_requested(&self) {
+        if let Some(pause) = self.pauser.get() {
+            pause();
+        }
         self.pending.store(true, Ordering::SeqCst);
         let _ = self.event.write(1);
     }

@@ -179,6 +179,19 @@ impl VcpuThreads {
         self.set(Desired::Run);
     }
 
+    /// A way for a vCPU thread to stop the vCPUs at the instruction after its current exit:
+    /// the calling vCPU parks before it enters KVM_RUN again (the others once the owner's
+    /// `pause` kicks them). The owner must then pause and resume as usual.
+    pub fn pauser(&self) -> Box<dyn Fn() + Send + Sync> {
+        let shared = self.shared.clone();
+        Box::new(move || {
+            let mut control = shared.control.lock().unwrap_or_else(|e| e.into_inner());
+            if control.desired == Desired::Run {
+                control.desired = Desired::Pause;
+            }
+        })
+    }
+
     /// Every vCPU's state, saved by its own parked thread (the vCPUs must be paused); None
     /// when some vCPU did not answer by `deadline` (it left its loop: the VM is stopping).
     pub fn save_states(
