@@ -158,16 +158,18 @@ fn the_saved_vm_and_its_restored_copy_both_finish() {
     }
 }
 
-/// Without host paging: a snapshot taken as soon as the guest's CPUs are up (never-written
-/// RAM is left out of the memory file without being read), restored into a VM that goes on
-/// from the guest's next line, both with RAM read in and with the file mapped.
+/// Without host paging, in a chain: the guest asks for two snapshots in a row as soon as its
+/// CPUs are up. The first run stops at the first; a VM restored from it (RAM mapped from the
+/// file) goes on from the guest's next line and stops at the second; a VM restored from that
+/// one (RAM read in, or mapped) runs the workload to a clean finish. Never-written RAM is left
+/// out of the memory file without being read.
 #[test]
-fn a_vm_without_host_paging_snapshots_at_start_and_restores() {
+fn restore_snapshot_restore_chains_without_host_paging() {
     if !kvm_available() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let snap = dir.as_path().join("snap");
+    let (first, second) = (dir.as_path().join("first"), dir.as_path().join("second"));
     let saved = apfvm(
         &[
             "demo",
@@ -176,40 +178,61 @@ fn a_vm_without_host_paging_snapshots_at_start_and_restores() {
             "--mem",
             "1G",
             "--snapshot-on-request",
-            path_str(&snap),
+            path_str(&first),
             "--after-snapshot",
             "stop",
             "--cmdline",
-            "snapshot_at_start=1",
+            "snapshot_at_start=2 pages=512 touchers=2 passes=2",
         ],
         LIMIT,
     );
     assert_eq!(saved.code(), Some(0), "{}", saved.describe());
-    assert!(!saved.stdout.contains("running after the snapshot request"));
+    assert!(!saved.stdout.contains("running after snapshot request"));
     let info = snapshot_taken(&saved);
     let pages = field(&info, "data_pages");
     assert!(
         pages > 0 && pages < 4096,
         "only what the guest wrote (its image, stacks, tables): {info}"
     );
+
+    let middle = restore(
+        &first,
+        &[
+            "--memory",
+            "file",
+            "--snapshot-on-request",
+            path_str(&second),
+            "--after-snapshot",
+            "stop",
+        ],
+    );
+    assert_eq!(middle.code(), Some(0), "{}", middle.describe());
+    assert_eq!(
+        middle.stdout.lines().next(),
+        Some("apfvm-ref: running after snapshot request 1"),
+        "{}",
+        middle.describe()
+    );
+    assert!(!middle.stdout.contains("running after snapshot request 2"));
+    let second_info = snapshot_taken(&middle);
+    assert_ne!(second_info["id"], info["id"]);
+    let restored = test_support::apfvm::restored(&middle.stderr).expect("restored line");
+    assert_eq!(restored["id"], info["id"], "{restored}");
+
     for memory in ["anon", "file"] {
-        let run = restore(&snap, &["--memory", memory]);
-        assert_eq!(run.code(), Some(0), "{}", run.describe());
-        let first = run.stdout.lines().next().unwrap_or_default();
+        let run = restore(&second, &["--memory", memory]);
+        assert_eq!(run.code(), Some(0), "{memory}: {}", run.describe());
         assert_eq!(
-            first,
-            "apfvm-ref: running after the snapshot request",
+            run.stdout.lines().next(),
+            Some("apfvm-ref: running after snapshot request 2"),
             "{}",
             run.describe()
         );
-        assert!(
-            run.stdout
-                .contains("APFVM-RESULT {\"verdict\":\"pass\",\"cpus\":2}"),
-            "{}",
-            run.describe()
-        );
-        let restored = test_support::apfvm::restored(&run.stderr).expect("restored line");
-        assert_eq!(restored["id"], info["id"], "{restored}");
+        let result = guest_result(&run);
+        assert_eq!(result["verdict"], "pass", "{}", run.describe());
+        assert_guest_checks_clean(&result);
+        assert_eq!(field(&result, "pages_touched"), 1024, "{result}");
+        assert_eq!(field(&result, "snapshot_requested"), 2, "{result}");
     }
 }
 

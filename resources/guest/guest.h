@@ -633,10 +633,11 @@ struct workload {
 	bool evict;
 	bool dummy;
 	bool apf_off;		/* apf=0: do not enable async PF */
-	bool snapshot_at_start;	/* ask for a snapshot once every CPU is up */
+
 	bool fail_data;		/* fail=data: corrupt one byte on purpose (checker self-test) */
 	u32 pages, passes, touchers, busy, seed, stall_us, timeout_s, hotplug, dummy_us;
 	u32 snapshot_pfault;	/* ask for a snapshot at a CPU's Nth page-not-present */
+	u32 snapshot_at_start;	/* snapshots to ask for, one after the other, once CPUs are up */
 	/* derived */
 	u64 dummy_cycles;	/* dummy_us in TSC cycles */
 	bool apf;		/* async PF enabled on every CPU */

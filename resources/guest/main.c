@@ -176,12 +176,12 @@ __noreturn void main(u32 start_info_paddr)
 	kprintf("apfvm-ref: all %u cpus up\n", n);
 	for (u32 i = 0; i < n; i++)
 		wl.apf = wl.apf && cpus[i].apf_on;	/* hostile=apf-outside-ram leaves it off */
-	if (wl.snapshot_at_start) {
+	for (u32 i = 1; i <= wl.snapshot_at_start; i++) {
 		/* The VMM pauses during the write; a restored VM goes on from the next line. */
-		kprintf("apfvm-ref: snapshot requested at start\n");
-		wl.snapshot_requested = 1;
-		outl(SNAPSHOT_PORT, 1);
-		kprintf("apfvm-ref: running after the snapshot request\n");
+		kprintf("apfvm-ref: snapshot %u of %u requested at start\n", i, wl.snapshot_at_start);
+		wl.snapshot_requested = i;
+		outl(SNAPSHOT_PORT, i);
+		kprintf("apfvm-ref: running after snapshot request %u\n", i);
 	}
 	if (wl.enabled)
 		workload_run();

@@ -44,13 +44,13 @@ bool workload_parse_word(const char *w, size_t len)
 		{ "seed=", &wl.seed },       { "stall_us=", &wl.stall_us },
 		{ "timeout_s=", &wl.timeout_s }, { "hotplug=", &wl.hotplug },
 		{ "dummy_us=", &wl.dummy_us }, { "snapshot_pfault=", &wl.snapshot_pfault },
+		{ "snapshot_at_start=", &wl.snapshot_at_start },
 	};
 	static const struct {
 		const char *name;
 		bool *val;
 	} flags[] = {
 		{ "evict=", &wl.evict }, { "dummy=", &wl.dummy },
-		{ "snapshot_at_start=", &wl.snapshot_at_start },
 	};
 
 	for (size_t i = 0; i < ARRAY_SIZE(nums); i++) {

@@ -23,7 +23,7 @@ use test_support::apfvm as lines;
 use super::BenchError;
 
 /// The first line the reference guest prints after a restore (`snapshot_at_start=1`).
-const NEXT_LINE: &str = "apfvm-ref: running after the snapshot request";
+const NEXT_LINE: &str = "apfvm-ref: running after snapshot request 1";
 const LIMIT: Duration = Duration::from_secs(120);
 
 pub struct SnapshotBenchOptions {
