@@ -94,10 +94,13 @@ fn tasks_parked_at_snapshot_time_finish_after_restore() {
     );
     assert!(field(&info, "data_pages") > 16, "{info}");
 
-    // Guest RAM read in from the memory file, or the file mapped privately (the host kernel
-    // pages it in).
-    for memory in ["anon", "file"] {
-        let restored = restore(&snap, &["--memory", memory]);
+    // Guest RAM read in from the memory file, the file mapped privately (the host kernel pages
+    // it in), or served lazily by the pager from the file, with async page faults.
+    let lazy = ["--pager", "uffd", "--fault-latency", "2ms"];
+    for (memory, extra) in [("anon", &[][..]), ("file", &[][..]), ("anon", &lazy[..])] {
+        let mut flags = vec!["--memory", memory];
+        flags.extend_from_slice(extra);
+        let restored = restore(&snap, &flags);
         assert_eq!(
             restored.code(),
             Some(0),
@@ -123,6 +126,11 @@ fn tasks_parked_at_snapshot_time_finish_after_restore() {
             "a task parked at snapshot time was freed by a wake-all: {}",
             restored.describe()
         );
+        if !extra.is_empty() {
+            let pager = pager_summary(&restored);
+            assert!(field(&pager, "served_from_store") > 0, "{pager}");
+            assert!(field(&pager, "faults_async") > 0, "{pager}");
+        }
     }
     let meta_after = std::fs::metadata(&memory).unwrap();
     assert_eq!(
@@ -380,8 +388,13 @@ fn bad_snapshots_and_conflicting_flags_are_refused() {
         ),
         (
             &good,
-            vec!["--pager", "uffd"],
-            vec!["--pager cannot be used with restore"],
+            vec!["--pager", "uffd", "--memory", "file"],
+            vec!["--memory file cannot be used with restore: with --pager uffd"],
+        ),
+        (
+            &good,
+            vec!["--memory-image", "/dev/null"],
+            vec!["--memory-image cannot be used with restore"],
         ),
         (
             &good,

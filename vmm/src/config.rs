@@ -402,30 +402,35 @@ impl Settings {
 
     /// Validates the settings of `apfvm restore` against the snapshot: what the snapshot
     /// fixes (vCPUs, RAM, async PF, CPU features) may be given only as it was saved; what a
-    /// boot needs (kernel, initrd, command line) and host paging are refused.
+    /// boot needs (kernel, initrd, command line, a memory image) is refused. With
+    /// `--pager uffd` the restore is lazy: the pager serves first touches from the memory file.
     pub fn into_restore_config(
         self,
         snapshot: std::sync::Arc<LoadedSnapshot>,
     ) -> Result<VmConfig, ConfigError> {
         let saved = &snapshot.state.vm;
         let booted = "the snapshot holds the booted guest";
-        let paging = "restoring through the pager is not supported yet";
+        let paged = "pages come from the snapshot's memory file";
         let not_with_restore = [
             (self.kernel.is_some(), "--kernel", booted),
             (self.initrd.is_some(), "--initrd", booted),
             (self.cmdline.is_some(), "--cmdline", booted),
-            (
-                self.pager.is_some_and(|p| p != PagerKind::None),
-                "--pager",
-                paging,
-            ),
-            (self.memory_image.is_some(), "--memory-image", booted),
+            (self.memory_image.is_some(), "--memory-image", paged),
         ];
         if let Some(&(_, flag, why)) = not_with_restore.iter().find(|(given, ..)| *given) {
             return Err(ConfigError::NotWithRestore { flag, why });
         }
-        // Refuses pager flags without a pager; there is no pager here (refused above).
-        self.paging_config()?;
+        // With a pager, first touches are served from the memory file: a lazy restore.
+        let paging = self.paging_config()?.map(|paging| PagingConfig {
+            memory_image: Some(snapshot.memory_path.clone()),
+            ..paging
+        });
+        if paging.is_some() && self.memory == Some(MemoryBackend::File) {
+            return Err(ConfigError::NotWithRestore {
+                flag: "--memory file",
+                why: "with --pager uffd (userfaultfd cannot register a file mapping)",
+            });
+        }
         let conflict = |flag: &'static str, given: String, saved: String| {
             ConfigError::RestoreConflict { flag, given, saved }
         };
@@ -477,7 +482,7 @@ impl Settings {
             memory_backend: self.memory.unwrap_or_default(),
             cpu_features: cpuid::parse_feature_edits(&saved.cpu_features.join(","))?,
             apf: saved.apf,
-            paging: None,
+            paging,
             metrics,
             kvm_trace: self.kvm_trace,
             seccomp: !self.no_seccomp,

@@ -58,7 +58,7 @@ pub use latency::{FaultOrder, LatencyError, LatencyModel, parse_duration};
 pub use ram::RamLayout;
 pub use snapshot::SnapshotPage;
 pub use stats::{PagerStats, PagerSummary};
-pub use store::{PageStore, StoreError};
+pub use store::{PageStore, StoreError, data_extents};
 
 pub const PAGE_SIZE: usize = 4096;
 

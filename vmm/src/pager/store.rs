@@ -26,13 +26,48 @@ pub enum StoreError {
 /// The source of pages that have never been resident.
 pub enum PageStore {
     Zero,
-    /// A file laid out like guest RAM: offset = RAM offset (see `RamLayout`). Pages past its
-    /// end read as zeros.
+    /// A file laid out like guest RAM: offset = RAM offset (see `RamLayout`), such as a
+    /// snapshot's memory file. Pages past its end and in its holes read as zeros without a
+    /// read.
     Image {
         file: File,
         path: PathBuf,
         len: u64,
+        /// Where the file has data, [start, end) sorted (SEEK_DATA/SEEK_HOLE at open).
+        data: Vec<(u64, u64)>,
     },
+}
+
+/// The data extents of `file` up to `len`, [start, end) in order: everything else is a hole.
+pub fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut extents = Vec::new();
+    let mut offset = 0u64;
+    while offset < len {
+        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if data < hole {
+            extents.push((data, hole));
+        }
+        offset = hole;
+    }
+    Ok(extents)
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; None past the last data (ENXIO).
+fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open fd has no memory effects.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+    if at < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(at as u64))
 }
 
 impl PageStore {
@@ -43,10 +78,12 @@ impl PageStore {
         };
         let file = File::open(path).map_err(open_err)?;
         let len = file.metadata().map_err(open_err)?.len();
+        let data = data_extents(&file, len).map_err(open_err)?;
         Ok(PageStore::Image {
             file,
             path: path.to_path_buf(),
             len,
+            data,
         })
     }
 
@@ -54,9 +91,14 @@ impl PageStore {
     pub fn read_page(&self, ram_offset: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         match self {
             PageStore::Zero => page.fill(0),
-            PageStore::Image { file, path, len } => {
+            PageStore::Image {
+                file,
+                path,
+                len,
+                data,
+            } => {
                 page.fill(0);
-                if ram_offset < *len {
+                if ram_offset < *len && overlaps(data, ram_offset, PAGE_SIZE as u64) {
                     let want = (*len - ram_offset).min(PAGE_SIZE as u64) as usize;
                     file.read_exact_at(&mut page[..want], ram_offset)
                         .map_err(|source| StoreError::Read {
@@ -70,6 +112,16 @@ impl PageStore {
         Ok(())
     }
 
+    /// Whether the page at `ram_offset` is known to be zeros without reading it.
+    pub fn is_hole(&self, ram_offset: u64) -> bool {
+        match self {
+            PageStore::Zero => true,
+            PageStore::Image { len, data, .. } => {
+                ram_offset >= *len || !overlaps(data, ram_offset, PAGE_SIZE as u64)
+            }
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             PageStore::Zero => "zero-fill".to_string(),
@@ -78,9 +130,41 @@ impl PageStore {
     }
 }
 
+/// Whether [start, start+len) overlaps any of the sorted extents.
+fn overlaps(extents: &[(u64, u64)], start: u64, len: u64) -> bool {
+    let end = start + len;
+    // The first extent that ends after `start` is the only candidate.
+    let i = extents.partition_point(|&(_, e)| e <= start);
+    extents.get(i).is_some_and(|&(s, _)| s < end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_are_zeros_without_a_read() {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.as_path())
+            .unwrap();
+        file.set_len(64 * PAGE_SIZE as u64).unwrap();
+        file.write_all_at(&[5u8; PAGE_SIZE], 10 * PAGE_SIZE as u64)
+            .unwrap();
+        let store = PageStore::image(f.as_path()).unwrap();
+        assert!(!store.is_hole(10 * PAGE_SIZE as u64));
+        assert!(store.is_hole(40 * PAGE_SIZE as u64), "a hole in the file");
+        assert!(store.is_hole(64 * PAGE_SIZE as u64), "past its end");
+        let mut page = [0xffu8; PAGE_SIZE];
+        store.read_page(10 * PAGE_SIZE as u64, &mut page).unwrap();
+        assert!(page.iter().all(|b| *b == 5));
+        store.read_page(40 * PAGE_SIZE as u64, &mut page).unwrap();
+        assert!(page.iter().all(|b| *b == 0));
+        assert!(overlaps(&[(0, 10), (20, 30)], 25, 1));
+        assert!(!overlaps(&[(0, 10), (20, 30)], 10, 10));
+        assert!(overlaps(&[(0, 10), (20, 30)], 15, 10));
+    }
 
     #[test]
     fn image_pages_come_from_the_file_and_zeros_past_its_end() {

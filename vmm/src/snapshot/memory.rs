@@ -5,12 +5,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::pager::{PAGE_SIZE, Pager, RamLayout, SnapshotPage};
+use crate::pager::{PAGE_SIZE, Pager, RamLayout, SnapshotPage, data_extents};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -114,31 +113,10 @@ fn is_zero(bytes: &[u8]) -> bool {
 /// holes stay as they are (fresh anonymous memory: zeros).
 pub fn fill(file: &File, mem: &GuestMemoryMmap) -> io::Result<()> {
     let ram = RamLayout::new(mem);
-    let end = ram.pages() * PAGE;
-    let mut offset = 0u64;
-    while offset < end {
-        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else {
-            break;
-        };
-        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        read_extent(file, &ram, data, hole)?;
-        offset = hole;
+    for (start, end) in data_extents(file, ram.pages() * PAGE)? {
+        read_extent(file, &ram, start, end)?;
     }
     Ok(())
-}
-
-/// lseek with SEEK_DATA/SEEK_HOLE; None past the last data (ENXIO).
-fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on an open fd has no memory effects.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
-    if at < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(at as u64))
 }
 
 /// Reads file bytes [start, end) into guest RAM at the same RAM offsets, one host mapping at

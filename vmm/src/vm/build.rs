@@ -27,7 +27,7 @@ use crate::config::{KernelImage, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::kvm_trace::KvmTrace;
 use crate::memory::{self, MemoryBackend};
-use crate::metrics::VcpuMetrics;
+use crate::metrics::{StallCounter, VcpuMetrics};
 use crate::pager::{PageStore, Pager};
 use crate::seccomp;
 use crate::snapshot::{self, LoadedSnapshot, SnapshotError};
@@ -62,20 +62,30 @@ pub(super) fn build(
         _ => memory::create_guest_memory(config.mem_size, config.memory_backend)?,
     };
     memory::register_with_kvm(&vm_fd, &memory)?;
-    let (unstarted, serial_state) = match &config.kernel {
+    let (unstarted, serial_state, pager) = match &config.kernel {
         KernelImage::Snapshot(snapshot) => {
-            let filled = config.memory_backend == MemoryBackend::File;
+            // A lazy restore pages RAM in from the memory file from the start: restoring
+            // the vCPUs touches guest memory (kvmclock, steal time), through KVM on this
+            // thread, which the pager serves as a synchronous faulter.
+            let pager = start_pager(&memory, &config, &stop)?;
+            if let Some(pager) = &pager {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                pager.add_sync_thread(tid, Arc::new(StallCounter::default()));
+            }
+            let filled = config.memory_backend == MemoryBackend::File || pager.is_some();
             let vcpus = restore_guest(&vm_fd, &memory, snapshot, filled)?;
-            (vcpus, Some(snapshot.state.serial.clone().into()))
+            (vcpus, Some(snapshot.state.serial.clone().into()), pager)
         }
         _ => {
             let kernel = load_guest(&memory, &config)?;
-            (create_vcpus(&kvm, &vm_fd, &memory, &config, &kernel)?, None)
+            let vcpus = create_vcpus(&kvm, &vm_fd, &memory, &config, &kernel)?;
+            // Paging starts once the VMM has written all it writes into guest memory.
+            (vcpus, None, start_pager(&memory, &config, &stop)?)
         }
     };
     // /dev/kvm itself is not needed once the VM and its vCPUs exist.
     drop(kvm);
-    let pager = start_pager(&memory, &config, &stop)?;
     let console = Arc::new(ConsoleOutput::new().map_err(|e| VmError::Events(e.to_string()))?);
     let (io, serial) = create_devices(
         &vm_fd,
@@ -116,16 +126,16 @@ pub(super) fn build(
     })
 }
 
-/// Guest RAM from the memory file (read in now, unless RAM maps the file), then the VM-wide
-/// in-kernel state, then each vCPU (created here; CPUID and everything else come from the
-/// snapshot).
+/// Guest RAM from the memory file (read in now, unless RAM maps the file or the pager serves
+/// it), then the VM-wide in-kernel state, then each vCPU (created here; CPUID and everything
+/// else come from the snapshot).
 fn restore_guest(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     snapshot: &LoadedSnapshot,
-    mapped_from_file: bool,
+    ram_is_served: bool,
 ) -> Result<Vec<Vcpu>, VmError> {
-    if !mapped_from_file {
+    if !ram_is_served {
         let path = &snapshot.memory_path;
         let read_err = |source| {
             VmError::Restore(SnapshotError::Read {
