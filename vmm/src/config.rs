@@ -10,7 +10,7 @@ use crate::arch::x86_64::loader::{self, LoaderError};
 use crate::arch::x86_64::mptable;
 use crate::memory::MemoryBackend;
 use crate::pager::{EvictPolicy, FaultOrder, LatencyModel, PagerConfig};
-use crate::snapshot::LoadedSnapshot;
+use crate::snapshot::{self, LoadedSnapshot};
 
 /// Command line given to a kernel when the user gives none: serial console, reboot through
 /// the i8042 (what ends apfvm cleanly), and reboot one second after a panic so that a dead
@@ -79,6 +79,57 @@ pub enum AfterSnapshot {
     Stop,
 }
 
+/// What a lazy restore streams in ahead of the guest's faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prefetch {
+    /// Nothing: every page comes on its first touch, and those touches are recorded as the
+    /// snapshot's working set.
+    #[default]
+    None,
+    /// The working set recorded by an earlier on-demand restore of this snapshot.
+    WorkingSet,
+    /// Every page of the memory file that holds data, in order.
+    All,
+}
+
+/// When an on-demand restore stops recording its working set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RecordEnd {
+    /// The guest first-touched fewer than this many pages per second, over one second.
+    Idle { pages_per_sec: u32 },
+    /// This long after the vCPUs started.
+    After(std::time::Duration),
+}
+
+impl RecordEnd {
+    pub const DEFAULT: RecordEnd = RecordEnd::Idle { pages_per_sec: 10 };
+
+    /// `idle`, `idle:N` (first touches per second) or a duration (`10s`).
+    pub fn parse(spec: &str) -> Option<RecordEnd> {
+        match spec.strip_prefix("idle") {
+            Some("") => Some(RecordEnd::DEFAULT),
+            Some(rest) => rest
+                .strip_prefix(':')?
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(|pages_per_sec| RecordEnd::Idle { pages_per_sec }),
+            None => crate::pager::parse_duration(spec)
+                .filter(|d| !d.is_zero())
+                .map(RecordEnd::After),
+        }
+    }
+}
+
+/// A restore through the pager: what it prefetches, and where its working set is.
+#[derive(Debug, Clone)]
+pub struct LazyRestore {
+    pub prefetch: Prefetch,
+    pub working_set: PathBuf,
+    pub record_end: RecordEnd,
+}
+
 /// `--snapshot-on-request`: where guest-requested snapshots go, and what follows them.
 #[derive(Debug, Clone)]
 pub struct SnapshotOnRequest {
@@ -103,6 +154,8 @@ pub struct VmConfig {
     /// Confine every thread with seccomp-bpf once set up (off: `--no-seccomp`).
     pub seccomp: bool,
     pub snapshot_on_request: Option<SnapshotOnRequest>,
+    /// Set for `apfvm restore --pager uffd`.
+    pub lazy_restore: Option<LazyRestore>,
 }
 
 /// Where and how often metrics are written (`--metrics-file`).
@@ -182,6 +235,16 @@ pub struct Settings {
     /// After a guest-requested snapshot: resume the VM, or stop it [default: resume].
     #[arg(long, value_enum)]
     pub after_snapshot: Option<AfterSnapshot>,
+    /// Restore with --pager uffd: stream pages in ahead of faults [default: none].
+    #[arg(long, value_enum)]
+    pub prefetch: Option<Prefetch>,
+    /// Restore with --pager uffd: the working set file [default: DIR/working-set].
+    #[arg(long, value_name = "PATH")]
+    pub working_set: Option<PathBuf>,
+    /// When an on-demand restore stops recording its working set: idle, idle:N (first
+    /// touches/s over 1 s), or a duration [default: idle:10].
+    #[arg(long, value_name = "END")]
+    pub working_set_end: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +297,11 @@ pub enum ConfigError {
     BadMetricsInterval(String),
     #[error("--pager-workers must be between 1 and 64")]
     BadWorkerCount,
+    #[error(
+        "bad --working-set-end '{0}': use idle, idle:N (first touches per second) or a duration \
+         like 10s"
+    )]
+    BadWorkingSetEnd(String),
     #[error("{flag} needs {needs}")]
     Needs {
         flag: &'static str,
@@ -315,6 +383,9 @@ impl Settings {
             no_seccomp: self.no_seccomp || file.no_seccomp,
             snapshot_on_request: self.snapshot_on_request.or(file.snapshot_on_request),
             after_snapshot: self.after_snapshot.or(file.after_snapshot),
+            prefetch: self.prefetch.or(file.prefetch),
+            working_set: self.working_set.or(file.working_set),
+            working_set_end: self.working_set_end.or(file.working_set_end),
         }
     }
 
@@ -328,6 +399,17 @@ impl Settings {
             return Err(ConfigError::Needs {
                 flag: "--memory file",
                 needs: "`apfvm restore` (it maps a snapshot's memory file)",
+            });
+        }
+        let restore_only = [
+            (self.prefetch.is_some(), "--prefetch"),
+            (self.working_set.is_some(), "--working-set"),
+            (self.working_set_end.is_some(), "--working-set-end"),
+        ];
+        if let Some((_, flag)) = restore_only.iter().find(|(given, _)| *given) {
+            return Err(ConfigError::Needs {
+                flag,
+                needs: "`apfvm restore --pager uffd`",
             });
         }
         let kernel = match (self.kernel, builtin) {
@@ -383,6 +465,7 @@ impl Settings {
             kvm_trace: self.kvm_trace,
             seccomp: !self.no_seccomp,
             snapshot_on_request,
+            lazy_restore: None,
         })
     }
 
@@ -431,6 +514,31 @@ impl Settings {
                 why: "with --pager uffd (userfaultfd cannot register a file mapping)",
             });
         }
+        let lazy_restore = match &paging {
+            Some(_) => Some(LazyRestore {
+                prefetch: self.prefetch.unwrap_or_default(),
+                working_set: snapshot::working_set::path(
+                    &snapshot.dir,
+                    self.working_set.as_deref(),
+                ),
+                record_end: match &self.working_set_end {
+                    Some(spec) => RecordEnd::parse(spec)
+                        .ok_or_else(|| ConfigError::BadWorkingSetEnd(spec.clone()))?,
+                    None => RecordEnd::DEFAULT,
+                },
+            }),
+            None => {
+                let needs_pager = [
+                    (self.prefetch.is_some(), "--prefetch"),
+                    (self.working_set.is_some(), "--working-set"),
+                    (self.working_set_end.is_some(), "--working-set-end"),
+                ];
+                if let Some((_, flag)) = needs_pager.iter().find(|(given, _)| *given) {
+                    return Err(ConfigError::NeedsPager(flag));
+                }
+                None
+            }
+        };
         let conflict = |flag: &'static str, given: String, saved: String| {
             ConfigError::RestoreConflict { flag, given, saved }
         };
@@ -487,6 +595,7 @@ impl Settings {
             kvm_trace: self.kvm_trace,
             seccomp: !self.no_seccomp,
             snapshot_on_request,
+            lazy_restore,
             kernel: KernelImage::Snapshot(snapshot),
         })
     }
@@ -602,6 +711,23 @@ pub fn not_a_regular_file(kind: std::fs::FileType) -> Option<std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn working_set_end_specs() {
+        use std::time::Duration;
+        assert_eq!(RecordEnd::parse("idle"), Some(RecordEnd::DEFAULT));
+        assert_eq!(
+            RecordEnd::parse("idle:50"),
+            Some(RecordEnd::Idle { pages_per_sec: 50 })
+        );
+        assert_eq!(
+            RecordEnd::parse("10s"),
+            Some(RecordEnd::After(Duration::from_secs(10)))
+        );
+        for bad in ["idle:", "idle:0", "idlex", "0", "soon"] {
+            assert_eq!(RecordEnd::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -34,6 +34,8 @@ pub enum ThreadKind {
     Metrics,
     /// Reads KVM's tracepoints from tracefs (--kvm-trace).
     KvmTrace,
+    /// Decides when a lazy restore's working set is recorded and writes it.
+    WorkingSet,
 }
 
 /// Exit status after a forbidden system call: 128 + SIGSYS, as if killed by it.
@@ -160,7 +162,7 @@ fn ioctl_types(kind: ThreadKind) -> &'static [u8] {
         // Evictions requested through the pager-control port run on the vCPU thread.
         ThreadKind::Vcpu => &[KVMIO, UFFDIO],
         ThreadKind::PagerReader | ThreadKind::PagerWorker | ThreadKind::PagerEvictor => &[UFFDIO],
-        ThreadKind::Metrics | ThreadKind::KvmTrace => &[],
+        ThreadKind::Metrics | ThreadKind::KvmTrace | ThreadKind::WorkingSet => &[],
     }
 }
 
@@ -235,6 +237,15 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::PagerWorker => &[libc::SYS_pread64],
         ThreadKind::PagerEvictor => &[libc::SYS_fallocate],
         ThreadKind::Metrics => &[libc::SYS_fsync, libc::SYS_read, libc::SYS_openat],
+        ThreadKind::WorkingSet => &[
+            libc::SYS_openat,
+            libc::SYS_fsync,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+        ],
         ThreadKind::KvmTrace => &[
             libc::SYS_read,
             libc::SYS_poll,

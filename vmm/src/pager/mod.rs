@@ -31,6 +31,7 @@ mod evictor;
 mod latency;
 mod lifecycle;
 mod pages;
+mod prefetch;
 mod ram;
 mod reader;
 mod snapshot;
@@ -118,6 +119,8 @@ struct Shared {
     sync_threads: RwLock<HashMap<i32, Arc<StallCounter>>>,
     config: PagerConfig,
     on_fatal: Box<dyn Fn(String) + Send + Sync>,
+    /// Pages served from the store, in order, while recording (a lazy restore's working set).
+    first_touches: Mutex<Option<Vec<u64>>>,
 }
 
 /// The running pager; dropping it stops its threads.
@@ -175,6 +178,7 @@ impl Pager {
             config: config.clone(),
             on_fatal,
             ram,
+            first_touches: Mutex::new(None),
         });
         log::info!(
             "pager: {} pages from {}, latency {:?}, order {:?}, {} workers, evict {:?}",
@@ -236,6 +240,36 @@ impl Pager {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(tid, stalls);
+    }
+
+    /// Starts recording the pages served from the store (first touches), in order.
+    pub fn record_first_touches(&self) {
+        let mut touches = self
+            .shared
+            .first_touches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        touches.get_or_insert_with(Vec::new);
+    }
+
+    /// How many first touches were recorded so far.
+    pub fn first_touch_count(&self) -> usize {
+        let touches = self
+            .shared
+            .first_touches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        touches.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Ends the recording and hands over the pages, in the order they were served.
+    pub fn take_first_touches(&self) -> Vec<u64> {
+        let mut touches = self
+            .shared
+            .first_touches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        touches.take().unwrap_or_default()
     }
 
     /// Evicts the resident pages among `count` pages from guest-physical page frame

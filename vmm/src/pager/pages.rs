@@ -169,6 +169,27 @@ impl PageTable {
             .map(|(page, _)| page as u64)
     }
 
+    /// Takes the never-present pages among `pages` for a prefetch (InFlight, owned by the
+    /// caller, who copies them in and marks them resident); returns them sorted. A page the
+    /// guest has written, or wrote and then had evicted, or that a fault is fetching, is left
+    /// alone: prefetch never overwrites what the guest did.
+    pub fn claim_untouched(&mut self, pages: &[u64]) -> Vec<u64> {
+        let mut claimed: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|&page| {
+                let state = self.state_mut(page);
+                let untouched = *state == PageState::Untouched;
+                if untouched {
+                    *state = PageState::InFlight;
+                }
+                untouched
+            })
+            .collect();
+        claimed.sort_unstable();
+        claimed
+    }
+
     /// Where a page's contents are, for a snapshot of a paused pager: the guest mapping
     /// (resident, or write-protected mid-eviction), a saved copy (evicted, or evicted and
     /// now waiting for its fetch), or the store (never served).
@@ -340,5 +361,22 @@ mod tests {
             PageContents::Mapped,
             "write-protected, still mapped"
         );
+    }
+
+    #[test]
+    fn prefetch_claims_only_pages_that_were_never_present() {
+        let mut t = table();
+        evict(&mut t, 0, 7);
+        assert_eq!(t.on_missing_fault(3), Fetch);
+        // 0: evicted (was present), 1: untouched, 2: resident, 3: a fault fetches it.
+        assert_eq!(t.claim_untouched(&[3, 2, 1, 0]), [1]);
+        assert_eq!(t.state(1), InFlight);
+        assert_eq!(
+            t.on_missing_fault(1),
+            AlreadyInFlight,
+            "a fault waits for the prefetch"
+        );
+        t.mark_resident(1);
+        assert_eq!(t.claim_untouched(&[1]), Vec::<u64>::new(), "once");
     }
 }

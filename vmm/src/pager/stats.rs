@@ -20,6 +20,9 @@ pub struct PagerStats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub queue_depth_max: AtomicU64,
+    /// Pages copied in ahead of any fault (`--prefetch`), and the time spent on it.
+    pub prefetched: AtomicU64,
+    pub prefetch_ns: AtomicU64,
     /// Fault message to page mapped, for faults that stalled a vCPU thread outright.
     pub service_sync: LatencyHistogram,
     /// The same for faults the guest could wait for asynchronously (through the latency
@@ -41,6 +44,9 @@ pub struct PagerSummary {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub queue_depth_max: u64,
+    pub prefetched: u64,
+    /// Prefetched pages per second of prefetch work (reads and copies).
+    pub prefetch_pages_per_sec: f64,
     /// `LatencyHistogram::summary`.
     pub service_sync: serde_json::Value,
     pub service_async: serde_json::Value,
@@ -65,6 +71,11 @@ impl PagerStats {
             bytes_in: get(&self.bytes_in),
             bytes_out: get(&self.bytes_out),
             queue_depth_max: get(&self.queue_depth_max),
+            prefetched: get(&self.prefetched),
+            prefetch_pages_per_sec: match get(&self.prefetch_ns) {
+                0 => 0.0,
+                ns => get(&self.prefetched) as f64 * 1e9 / ns as f64,
+            },
             service_sync: self.service_sync.summary(),
             service_async: self.service_async.summary(),
         }

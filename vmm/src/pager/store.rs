@@ -112,6 +112,44 @@ impl PageStore {
         Ok(())
     }
 
+    /// Fills `buf` (whole pages) with the initial contents from `ram_offset` on: one read
+    /// for the part of the run that lies in the file (holes read as zeros).
+    pub fn read_run(&self, ram_offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        buf.fill(0);
+        if let PageStore::Image {
+            file,
+            path,
+            len,
+            data,
+        } = self
+        {
+            if ram_offset >= *len || !overlaps(data, ram_offset, buf.len() as u64) {
+                return Ok(());
+            }
+            let want = (*len - ram_offset).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..want], ram_offset)
+                .map_err(|source| StoreError::Read {
+                    path: path.display().to_string(),
+                    offset: ram_offset,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The pages whose contents are not zeros without a read (the file's data extents),
+    /// within `pages`, in order: what prefetching "all" streams in.
+    pub fn data_pages(&self, pages: u64) -> Vec<u64> {
+        match self {
+            PageStore::Zero => Vec::new(),
+            PageStore::Image { data, .. } => data
+                .iter()
+                .flat_map(|&(s, e)| s / PAGE_SIZE as u64..e.div_ceil(PAGE_SIZE as u64))
+                .filter(|&p| p < pages)
+                .collect(),
+        }
+    }
+
     /// Whether the page at `ram_offset` is known to be zeros without reading it.
     pub fn is_hole(&self, ram_offset: u64) -> bool {
         match self {

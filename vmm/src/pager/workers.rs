@@ -179,6 +179,14 @@ impl Shared {
         let counter = if from_swap {
             &stats.restored_from_swap
         } else {
+            if let Some(touches) = self
+                .first_touches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                touches.push(page);
+            }
             &stats.served_from_store
         };
         PagerStats::add(counter, 1);

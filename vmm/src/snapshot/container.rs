@@ -1,8 +1,9 @@
-//! The state file's container: a fixed header, then the state as JSON.
+//! The container of apfvm's snapshot files (the state file, the working set): a fixed header,
+//! then the contents as JSON.
 //!
 //! ```text
 //! offset  size  field
-//!      0     8  magic "APFVMSNP"
+//!      0     8  magic: "APFVMSNP" (state file), "APFVMWSF" (working set)
 //!      8     4  format version, little endian
 //!     12     4  CRC-32 (IEEE) of the payload, little endian
 //!     16     8  payload length in bytes, little endian
@@ -10,30 +11,43 @@
 //! ```
 //!
 //! Version policy: a reader accepts exactly the versions it knows (today only
-//! `FORMAT_VERSION`); an older file is refused with its version named until a migration for
+//! `Format::version`); an older file is refused with its version named until a migration for
 //! it exists, a newer one is refused as made by a newer apfvm. The header never changes, so
 //! any version can always be told apart. Plain data, no I/O: the callers read and write files.
 
-/// First bytes of every apfvm state file.
-pub const MAGIC: [u8; 8] = *b"APFVMSNP";
-/// The format this apfvm writes (and the only one it reads).
-pub const FORMAT_VERSION: u32 = 1;
+/// One kind of file in the container: its magic, the version this apfvm writes (and the only
+/// one it reads), and its name in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub name: &'static str,
+}
+
+pub const STATE_FILE: Format = Format {
+    magic: *b"APFVMSNP",
+    version: 1,
+    name: "state file",
+};
+
+pub const WORKING_SET: Format = Format {
+    magic: *b"APFVMWSF",
+    version: 1,
+    name: "working set",
+};
+
 const HEADER_LEN: usize = 24;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ContainerError {
-    #[error("not an apfvm state file (no APFVMSNP magic)")]
-    BadMagic,
+    #[error("not an apfvm {0} (its magic is missing)")]
+    BadMagic(&'static str),
     #[error("truncated: {have} bytes, the header says {want}")]
     Truncated { have: u64, want: u64 },
-    #[error(
-        "format version {0} is newer than this apfvm reads ({FORMAT_VERSION}): restore with a newer apfvm"
-    )]
-    NewerVersion(u32),
-    #[error(
-        "format version {0} is older than this apfvm reads ({FORMAT_VERSION}) and has no migration"
-    )]
-    OlderVersion(u32),
+    #[error("format version {found} is newer than this apfvm reads ({reads}): use a newer apfvm")]
+    NewerVersion { found: u32, reads: u32 },
+    #[error("format version {found} is older than this apfvm reads ({reads}) and has no migration")]
+    OlderVersion { found: u32, reads: u32 },
     #[error(
         "checksum mismatch (CRC-32 {found:#010x}, header says {expected:#010x}): the file is corrupted"
     )]
@@ -43,10 +57,10 @@ pub enum ContainerError {
 }
 
 /// The whole file for `payload`.
-pub fn encode(payload: &[u8]) -> Vec<u8> {
+pub fn encode(format: Format, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&format.magic);
+    out.extend_from_slice(&format.version.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(payload);
@@ -54,9 +68,9 @@ pub fn encode(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The payload of a whole file, after every check of the header.
-pub fn decode(file: &[u8]) -> Result<&[u8], ContainerError> {
-    if file.len() < MAGIC.len() || file[..MAGIC.len()] != MAGIC {
-        return Err(ContainerError::BadMagic);
+pub fn decode(format: Format, file: &[u8]) -> Result<&[u8], ContainerError> {
+    if file.len() < format.magic.len() || file[..format.magic.len()] != format.magic {
+        return Err(ContainerError::BadMagic(format.name));
     }
     if file.len() < HEADER_LEN {
         return Err(ContainerError::Truncated {
@@ -65,12 +79,12 @@ pub fn decode(file: &[u8]) -> Result<&[u8], ContainerError> {
         });
     }
     let word = |at: usize| u32::from_le_bytes(file[at..at + 4].try_into().expect("4 bytes"));
-    let version = word(8);
-    if version > FORMAT_VERSION {
-        return Err(ContainerError::NewerVersion(version));
+    let (found, reads) = (word(8), format.version);
+    if found > reads {
+        return Err(ContainerError::NewerVersion { found, reads });
     }
-    if version < FORMAT_VERSION {
-        return Err(ContainerError::OlderVersion(version));
+    if found < reads {
+        return Err(ContainerError::OlderVersion { found, reads });
     }
     let expected = word(12);
     let len = u64::from_le_bytes(file[16..24].try_into().expect("8 bytes"));
@@ -98,15 +112,24 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let file = encode(b"{\"a\":1}");
+        let file = encode(STATE_FILE, b"{\"a\":1}");
         assert_eq!(&file[..8], b"APFVMSNP");
-        assert_eq!(decode(&file).unwrap(), b"{\"a\":1}");
+        assert_eq!(decode(STATE_FILE, &file).unwrap(), b"{\"a\":1}");
+        assert_eq!(
+            decode(WORKING_SET, &file),
+            Err(ContainerError::BadMagic("working set")),
+            "one kind of file is not read as another"
+        );
     }
 
     #[test]
     fn every_damage_is_named() {
-        let file = encode(b"{\"vcpus\":2}");
-        assert_eq!(decode(b"ELF\x7f"), Err(ContainerError::BadMagic));
+        let file = encode(STATE_FILE, b"{\"vcpus\":2}");
+        let decode = |bytes: &[u8]| decode(STATE_FILE, bytes).map(<[u8]>::to_vec);
+        assert_eq!(
+            decode(b"ELF\x7f"),
+            Err(ContainerError::BadMagic("state file"))
+        );
         assert!(matches!(
             decode(&file[..20]),
             Err(ContainerError::Truncated { have: 20, want: 24 })
@@ -123,10 +146,16 @@ mod tests {
         ));
         let mut newer = file.clone();
         newer[8] = 2;
-        assert_eq!(decode(&newer), Err(ContainerError::NewerVersion(2)));
+        assert_eq!(
+            decode(&newer),
+            Err(ContainerError::NewerVersion { found: 2, reads: 1 })
+        );
         let mut older = file.clone();
         older[8] = 0;
-        assert_eq!(decode(&older), Err(ContainerError::OlderVersion(0)));
+        assert_eq!(
+            decode(&older),
+            Err(ContainerError::OlderVersion { found: 0, reads: 1 })
+        );
         let mut longer = file.clone();
         longer.push(b' ');
         assert_eq!(decode(&longer), Err(ContainerError::TrailingBytes(1)));

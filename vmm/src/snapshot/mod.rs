@@ -11,6 +11,7 @@
 pub mod container;
 pub mod memory;
 pub mod state;
+pub mod working_set;
 
 use std::fs::File;
 use std::io::Write;
@@ -155,7 +156,7 @@ pub fn write(
             .write(true)
             .create_new(true)
             .open(&temp_path)?;
-        file.write_all(&container::encode(&payload))?;
+        file.write_all(&container::encode(container::STATE_FILE, &payload))?;
         file.sync_all()?;
         std::fs::rename(&temp_path, &state_path)?;
         File::open(dir)?.sync_all()
@@ -185,9 +186,11 @@ fn load_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
         path: name.clone(),
         source,
     })?;
-    let payload = container::decode(&bytes).map_err(|source| SnapshotError::Container {
-        path: name.clone(),
-        source,
+    let payload = container::decode(container::STATE_FILE, &bytes).map_err(|source| {
+        SnapshotError::Container {
+            path: name.clone(),
+            source,
+        }
     })?;
     let state: SnapshotState =
         serde_json::from_slice(payload).map_err(|e| SnapshotError::BadState {

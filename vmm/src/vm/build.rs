@@ -17,20 +17,21 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::snapshot::SnapshotRequests;
+use super::working_set::WorkingSetRecorder;
 use super::{StopReason, StopRequests, Vm, VmError, VmState};
 use crate::arch::x86_64::boot::{self, InitrdPlacement};
 use crate::arch::x86_64::cpuid::{self, CpuidConfig};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, KVM_TSS_ADDRESS};
 use crate::arch::x86_64::loader::{self, LoadedKernel, LoaderError};
 use crate::arch::x86_64::mptable;
-use crate::config::{KernelImage, VmConfig};
+use crate::config::{KernelImage, LazyRestore, Prefetch, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::kvm_trace::KvmTrace;
 use crate::memory::{self, MemoryBackend};
 use crate::metrics::{StallCounter, VcpuMetrics};
-use crate::pager::{PageStore, Pager};
+use crate::pager::{PAGE_SIZE, PageStore, Pager};
 use crate::seccomp;
-use crate::snapshot::{self, LoadedSnapshot, SnapshotError};
+use crate::snapshot::{self, LoadedSnapshot, SnapshotError, working_set};
 use crate::vcpu::Vcpu;
 
 /// See `Vm::build`. A VM restored from a snapshot (`KernelImage::Snapshot`) is built the same
@@ -62,6 +63,7 @@ pub(super) fn build(
         _ => memory::create_guest_memory(config.mem_size, config.memory_backend)?,
     };
     memory::register_with_kvm(&vm_fd, &memory)?;
+    let mut working_set = None;
     let (unstarted, serial_state, pager) = match &config.kernel {
         KernelImage::Snapshot(snapshot) => {
             // A lazy restore pages RAM in from the memory file from the start: restoring
@@ -72,6 +74,9 @@ pub(super) fn build(
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() };
                 pager.add_sync_thread(tid, Arc::new(StallCounter::default()));
+            }
+            if let (Some(pager), Some(lazy)) = (&pager, &config.lazy_restore) {
+                working_set = begin_lazy_restore(pager, lazy, snapshot, &stop)?;
             }
             let filled = config.memory_backend == MemoryBackend::File || pager.is_some();
             let vcpus = restore_guest(&vm_fd, &memory, snapshot, filled)?;
@@ -105,6 +110,7 @@ pub(super) fn build(
         .collect();
     Ok(Vm {
         vcpu_threads: None,
+        working_set,
         unstarted,
         metrics_writer: None,
         metrics_file,
@@ -124,6 +130,47 @@ pub(super) fn build(
         pager_summary: None,
         trace_summary: None,
     })
+}
+
+/// Starts what a lazy restore streams in: the recorded working set or every page with data
+/// (`--prefetch`), or else records this restore's first touches as the snapshot's working set.
+/// A working set that cannot be used (missing, damaged, from another snapshot, pages outside
+/// RAM) is a warning, and the restore is on demand (and records a new one).
+fn begin_lazy_restore(
+    pager: &Arc<Pager>,
+    lazy: &LazyRestore,
+    snapshot: &LoadedSnapshot,
+    stop: &Arc<StopRequests>,
+) -> Result<Option<WorkingSetRecorder>, VmError> {
+    let pages = snapshot.state.memory.size / PAGE_SIZE as u64;
+    let prefetch = match lazy.prefetch {
+        Prefetch::None => None,
+        Prefetch::All => Some(pager.store_data_pages()),
+        Prefetch::WorkingSet => {
+            match working_set::read(&lazy.working_set, &snapshot.state.id, pages) {
+                Ok(set) => Some(set.pages),
+                Err(e) => {
+                    log::warn!("{e}; restoring on demand");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(pages) = prefetch {
+        pager.start_prefetch(pages)?;
+        return Ok(None);
+    }
+    pager.record_first_touches();
+    let recorder = WorkingSetRecorder::start(
+        pager.clone(),
+        lazy.working_set.clone(),
+        snapshot.state.id.clone(),
+        lazy.record_end,
+        std::time::Instant::now(),
+        stop.failure_report(),
+    )
+    .map_err(VmError::Thread)?;
+    Ok(Some(recorder))
 }
 
 /// Guest RAM from the memory file (read in now, unless RAM maps the file or the pager serves

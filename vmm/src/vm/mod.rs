@@ -22,6 +22,7 @@ mod run;
 mod snapshot;
 mod stop;
 mod vcpus;
+mod working_set;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,8 @@ pub enum VmError {
 /// A VM. Fields in teardown order (see the module docs); `Drop` runs `shutdown`.
 pub struct Vm {
     vcpu_threads: Option<VcpuThreads>,
+    /// A lazy restore's working-set recording (ends before the pager stops).
+    working_set: Option<working_set::WorkingSetRecorder>,
     /// vCPUs built but not started yet (state Built).
     unstarted: Vec<Vcpu>,
     metrics_writer: Option<MetricsWriter>,
@@ -342,6 +345,9 @@ impl Vm {
             .map(|mut threads| threads.stop(deadline))
             .unwrap_or_default();
         self.unstarted.clear();
+        if let Some(mut recorder) = self.working_set.take() {
+            recorder.finish();
+        }
         if let Some(pager) = &self.pager {
             pager.stop();
             self.pager_summary = Some(pager.stats().summary());
