@@ -117,6 +117,8 @@ mod tests {
             "bytes_in",
             "bytes_out",
             "queue_depth_max",
+            "prefetched",
+            "prefetch_pages_per_sec",
             "service_sync",
             "service_async",
         ];
