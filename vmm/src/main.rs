@@ -52,6 +52,8 @@ enum BenchSuite {
     Stalls,
     /// Snapshot create and restore times against `cp` of the memory file.
     Snapshot,
+    /// Restore modes (eager, file, lazy on demand, working set, all) against eager.
+    Restore,
 }
 
 #[derive(Args)]
@@ -62,9 +64,15 @@ struct BenchArgs {
     /// Guest RAM sizes of the snapshot bench.
     #[arg(long, value_name = "LIST", default_value = "128M,1G")]
     snapshot_sizes: String,
-    /// Runs per size of the snapshot bench (medians are reported).
+    /// Runs per size of the snapshot bench and per mode of the restore bench (medians).
     #[arg(long, value_name = "N", default_value_t = 5)]
     runs: usize,
+    /// Fetch latencies of the restore bench's lazy modes.
+    #[arg(long, value_name = "LIST", default_value = "0,1ms")]
+    restore_latencies: String,
+    /// Region pages of the restore bench's workload (all vCPUs together).
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    restore_pages: u32,
     /// The guest every case boots.
     #[arg(long, value_enum, default_value = "reference")]
     guest: BenchGuestKind,
@@ -92,6 +100,24 @@ struct BenchArgs {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.suite == BenchSuite::Restore {
+        let opts = bench::snapshot::RestoreBenchOptions {
+            sizes: bench::parse_list(&args.snapshot_sizes),
+            latencies: bench::parse_list(&args.restore_latencies),
+            runs: args.runs.max(1),
+            pages: args.restore_pages.max(16),
+            output: args.output.clone(),
+            kvm_device: args.kvm_device.clone(),
+        };
+        let report = bench::snapshot::run_restore(&opts)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        eprint!("{}", bench::snapshot::restore_table(&report));
+        eprintln!(
+            "apfvm bench restore: wrote {}",
+            args.output.join("restore.json").display()
+        );
+        return Ok(());
+    }
     if args.suite == BenchSuite::Snapshot {
         let opts = bench::snapshot::SnapshotBenchOptions {
             sizes: bench::parse_list(&args.snapshot_sizes),
