@@ -203,6 +203,11 @@ pub struct Settings {
     /// Fetch latency: 5ms, a range 5ms-30ms, or exp:5ms [default: 0].
     #[arg(long, value_name = "SPEC")]
     pub fault_latency: Option<String>,
+    /// Apply --fault-latency to synchronous faults too (a vCPU in guest kernel mode waits for
+    /// a slow disk as well; for restore benchmarks) [default: served at once].
+    #[arg(long)]
+    #[serde(default)]
+    pub sync_fault_latency: bool,
     /// Completion order: arrival, or reverse:N (batches of N in reverse) [default: arrival].
     #[arg(long, value_name = "ORDER")]
     pub fault_order: Option<String>,
@@ -380,6 +385,7 @@ impl Settings {
             metrics_file: self.metrics_file.or(file.metrics_file),
             metrics_interval: self.metrics_interval.or(file.metrics_interval),
             kvm_trace: self.kvm_trace || file.kvm_trace,
+            sync_fault_latency: self.sync_fault_latency || file.sync_fault_latency,
             no_seccomp: self.no_seccomp || file.no_seccomp,
             snapshot_on_request: self.snapshot_on_request.or(file.snapshot_on_request),
             after_snapshot: self.after_snapshot.or(file.after_snapshot),
@@ -619,6 +625,7 @@ impl Settings {
                 (self.memory_image.is_some(), "--memory-image"),
                 (self.fault_latency.is_some(), "--fault-latency"),
                 (self.fault_order.is_some(), "--fault-order"),
+                (self.sync_fault_latency, "--sync-fault-latency"),
                 (self.pager_workers.is_some(), "--pager-workers"),
                 (self.evict.is_some(), "--evict"),
             ];
@@ -643,6 +650,7 @@ impl Settings {
                 Some(spec) => LatencyModel::parse(spec)?,
                 None => defaults.latency,
             },
+            sync_latency: self.sync_fault_latency,
             order: match &self.fault_order {
                 Some(spec) => FaultOrder::parse(spec)?,
                 None => defaults.order,

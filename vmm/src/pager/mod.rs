@@ -73,6 +73,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct PagerConfig {
     pub latency: LatencyModel,
+    /// The latency model applies to synchronous faults too (a vCPU in guest kernel mode
+    /// waits for a slow disk as well); off, they are served at once.
+    pub sync_latency: bool,
     pub order: FaultOrder,
     pub workers: usize,
     pub evict: Option<EvictPolicy>,
@@ -83,6 +86,7 @@ impl Default for PagerConfig {
     fn default() -> Self {
         PagerConfig {
             latency: LatencyModel::default(),
+            sync_latency: false,
             order: FaultOrder::default(),
             workers: 2,
             evict: None,
@@ -121,6 +125,8 @@ struct Shared {
     on_fatal: Box<dyn Fn(String) + Send + Sync>,
     /// Pages served from the store, in order, while recording (a lazy restore's working set).
     first_touches: Mutex<Option<Vec<u64>>>,
+    /// With `sync_latency`: the stall counters of vCPU threads whose fault waits in the queue.
+    sync_waiting: Mutex<HashMap<u64, Arc<StallCounter>>>,
 }
 
 /// The running pager; dropping it stops its threads.
@@ -179,6 +185,7 @@ impl Pager {
             on_fatal,
             ram,
             first_touches: Mutex::new(None),
+            sync_waiting: Mutex::new(HashMap::new()),
         });
         log::info!(
             "pager: {} pages from {}, latency {:?}, order {:?}, {} workers, evict {:?}",

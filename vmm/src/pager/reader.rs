@@ -149,7 +149,11 @@ impl Shared {
     /// that it is served right after the resume.
     fn serve_async_now(&self, page: u64, arrived: Instant) {
         match self.lifecycle.try_begin_async_copy() {
-            Some(op) => self.serve(page, arrived, Waiter::Async, op),
+            Some(op) => {
+                let sync = self.sync_waiter(page);
+                let waiter = sync.as_deref().map_or(Waiter::Async, Waiter::Sync);
+                self.serve(page, arrived, waiter, op)
+            }
             None => self.enqueue(page, arrived, arrived),
         }
     }
@@ -164,6 +168,16 @@ impl Shared {
         let outcome = self.lock_pages().on_missing_fault(page);
         match outcome {
             MissingFault::Fetch => match &sync {
+                Some(stalls) if self.config.sync_latency => {
+                    // Waits out the latency model like an asynchronous fault; the worker
+                    // that serves it counts the wait on the vCPU's stall counter.
+                    PagerStats::add(&stats.faults_sync, 1);
+                    self.sync_waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(page, stalls.clone());
+                    batch.push((page, arrived));
+                }
                 Some(stalls) => {
                     PagerStats::add(&stats.faults_sync, 1);
                     self.serve_sync(page, arrived, stalls);
@@ -179,6 +193,7 @@ impl Shared {
                 // started: take that fetch over if it is still waiting. If it is not, a
                 // copy is under way or due now, and wakes this faulter too.
                 if let Some(stalls) = &sync
+                    && !self.config.sync_latency
                     && self.unqueue(page, batch)
                 {
                     self.serve_sync(page, arrived, stalls);
@@ -265,5 +280,38 @@ mod tests {
         assert_eq!(stats.faults_coalesced.load(Ordering::Relaxed), 1);
         assert_eq!(stats.service_sync.count(), 1);
         assert_eq!(stalls.faults.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn with_sync_latency_a_sync_fault_waits_out_the_model_and_counts_as_a_stall() {
+        let mem = create_guest_memory(4 << 20, MemoryBackend::Anon).unwrap();
+        let config = PagerConfig {
+            latency: LatencyModel::parse("50ms").unwrap(),
+            sync_latency: true,
+            ..Default::default()
+        };
+        let pager = Arc::new(zero_pager(&mem, config));
+        let stalls = Arc::new(StallCounter::default());
+        let toucher = {
+            let (mem, pager, stalls) = (mem.clone(), pager.clone(), stalls.clone());
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                pager.add_sync_thread(unsafe { libc::gettid() }, stalls);
+                mem.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap()
+            })
+        };
+        assert_eq!(toucher.join().unwrap(), 0);
+        pager.stop();
+        let stats = pager.stats();
+        assert_eq!(stats.faults_sync.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.service_sync.count(), 1);
+        assert_eq!(stats.service_async.count(), 0);
+        assert_eq!(stalls.faults.load(Ordering::Relaxed), 1);
+        // Never before its due time (load can only make it later).
+        assert!(
+            stalls.ns.load(Ordering::Relaxed) >= 50_000_000,
+            "waited {} ns",
+            stalls.ns.load(Ordering::Relaxed)
+        );
     }
 }

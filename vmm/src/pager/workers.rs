@@ -94,8 +94,22 @@ impl Shared {
 
     pub(super) fn worker_loop(self: Arc<Self>) {
         while let Some((fetch, op)) = self.next_fetch() {
-            self.serve(fetch.page, fetch.arrived, Waiter::Async, op);
+            let sync = self.sync_waiter(fetch.page);
+            let waiter = sync.as_deref().map_or(Waiter::Async, Waiter::Sync);
+            self.serve(fetch.page, fetch.arrived, waiter, op);
         }
+    }
+
+    /// The stall counter of a vCPU thread whose fault on `page` waited in the queue
+    /// (`PagerConfig::sync_latency`).
+    pub(super) fn sync_waiter(&self, page: u64) -> Option<Arc<StallCounter>> {
+        if !self.config.sync_latency {
+            return None;
+        }
+        self.sync_waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&page)
     }
 
     /// Waits for a fetch that may be served now: due (or the pager drains) and the pager
