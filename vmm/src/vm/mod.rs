@@ -272,14 +272,15 @@ impl Vm {
             mem: self.memory.clone(),
             stop: self.stop.clone(),
             pager: self.pager.clone(),
+            snapshot_requests: self
+                .config
+                .snapshot_on_request
+                .is_some()
+                .then(|| self.snapshot_requests.clone()),
         };
         let vcpus = std::mem::take(&mut self.unstarted);
-        let threads =
-            VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?;
-        if self.config.snapshot_on_request.is_some() {
-            self.snapshot_requests.set_pauser(threads.pauser());
-        }
-        self.vcpu_threads = Some(threads);
+        self.vcpu_threads =
+            Some(VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?);
         self.state = VmState::Running;
         Ok(())
     }

@@ -142,7 +142,7 @@ impl SnapshotRequests {
 
     /// Set by the VM when it starts, if snapshots have somewhere to go (the owner then
     /// always pauses and resumes or stops after a request).
-    pub(super) fn set_pauser(&self, pauser: Box<dyn Fn() + Send + Sync>) {
+    pub(in crate::vm) fn set_pauser(&self, pauser: Box<dyn Fn() + Send + Sync>) {
         let _ = self.pauser.set(pauser);
     }
 

@@ -10,6 +10,7 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
+use super::snapshot::SnapshotRequests;
 use super::stop::{StopReason, StopRequests};
 use crate::metrics::VcpuMetrics;
 use crate::pager::Pager;
@@ -65,6 +66,9 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub stop: Arc<StopRequests>,
     pub pager: Option<Arc<Pager>>,
+    /// Where a guest's snapshot request parks its vCPU (set before any vCPU runs, so that
+    /// even a request right at the start is taken exactly where it was made).
+    pub snapshot_requests: Option<Arc<SnapshotRequests>>,
 }
 
 impl VcpuThreads {
@@ -88,6 +92,9 @@ impl VcpuThreads {
             shared: shared.clone(),
             threads: Vec::new(),
         };
+        if let Some(requests) = &context.snapshot_requests {
+            requests.set_pauser(threads.pauser());
+        }
         for vcpu in vcpus {
             let name = format!("vcpu{}", vcpu.index);
             let stop = context.stop.clone();
