@@ -156,6 +156,8 @@ pub struct VmConfig {
     pub snapshot_on_request: Option<SnapshotOnRequest>,
     /// Set for `apfvm restore --pager uffd`.
     pub lazy_restore: Option<LazyRestore>,
+    /// Serve the control API on a Unix socket at this path (`api`).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Where and how often metrics are written (`--metrics-file`).
@@ -250,6 +252,11 @@ pub struct Settings {
     /// touches/s over 1 s), or a duration [default: idle:10].
     #[arg(long, value_name = "END")]
     pub working_set_end: Option<String>,
+    /// Serve the control API (HTTP/1.1 + JSON) on a new Unix socket at this path (mode
+    /// 0600; an existing path is refused). `run` without --kernel then waits for
+    /// PUT /snapshot/load.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -392,6 +399,7 @@ impl Settings {
             prefetch: self.prefetch.or(file.prefetch),
             working_set: self.working_set.or(file.working_set),
             working_set_end: self.working_set_end.or(file.working_set_end),
+            api_socket: self.api_socket.or(file.api_socket),
         }
     }
 
@@ -472,6 +480,7 @@ impl Settings {
             seccomp: !self.no_seccomp,
             snapshot_on_request,
             lazy_restore: None,
+            api_socket: self.api_socket,
         })
     }
 
@@ -497,29 +506,13 @@ impl Settings {
         self,
         snapshot: std::sync::Arc<LoadedSnapshot>,
     ) -> Result<VmConfig, ConfigError> {
+        self.check_for_restore()?;
         let saved = &snapshot.state.vm;
-        let booted = "the snapshot holds the booted guest";
-        let paged = "pages come from the snapshot's memory file";
-        let not_with_restore = [
-            (self.kernel.is_some(), "--kernel", booted),
-            (self.initrd.is_some(), "--initrd", booted),
-            (self.cmdline.is_some(), "--cmdline", booted),
-            (self.memory_image.is_some(), "--memory-image", paged),
-        ];
-        if let Some(&(_, flag, why)) = not_with_restore.iter().find(|(given, ..)| *given) {
-            return Err(ConfigError::NotWithRestore { flag, why });
-        }
         // With a pager, first touches are served from the memory file: a lazy restore.
         let paging = self.paging_config()?.map(|paging| PagingConfig {
             memory_image: Some(snapshot.memory_path.clone()),
             ..paging
         });
-        if paging.is_some() && self.memory == Some(MemoryBackend::File) {
-            return Err(ConfigError::NotWithRestore {
-                flag: "--memory file",
-                why: "with --pager uffd (userfaultfd cannot register a file mapping)",
-            });
-        }
         let lazy_restore = match &paging {
             Some(_) => Some(LazyRestore {
                 prefetch: self.prefetch.unwrap_or_default(),
@@ -533,17 +526,8 @@ impl Settings {
                     None => RecordEnd::DEFAULT,
                 },
             }),
-            None => {
-                let needs_pager = [
-                    (self.prefetch.is_some(), "--prefetch"),
-                    (self.working_set.is_some(), "--working-set"),
-                    (self.working_set_end.is_some(), "--working-set-end"),
-                ];
-                if let Some((_, flag)) = needs_pager.iter().find(|(given, _)| *given) {
-                    return Err(ConfigError::NeedsPager(flag));
-                }
-                None
-            }
+            // Flags that need the pager were refused without one (`check_for_restore`).
+            None => None,
         };
         let conflict = |flag: &'static str, given: String, saved: String| {
             ConfigError::RestoreConflict { flag, given, saved }
@@ -602,8 +586,62 @@ impl Settings {
             seccomp: !self.no_seccomp,
             snapshot_on_request,
             lazy_restore,
+            api_socket: self.api_socket,
             kernel: KernelImage::Snapshot(snapshot),
         })
+    }
+
+    /// What can be checked of a restore's settings before the snapshot is known (`apfvm run
+    /// --api-socket` without a kernel checks them before it waits for PUT /snapshot/load):
+    /// what a boot needs is refused, lazy-restore flags need the pager, and every value
+    /// given must parse. Returns the metrics settings.
+    pub fn check_for_restore(&self) -> Result<Option<MetricsConfig>, ConfigError> {
+        let booted = "the snapshot holds the booted guest";
+        let paged = "pages come from the snapshot's memory file";
+        let not_with_restore = [
+            (self.kernel.is_some(), "--kernel", booted),
+            (self.initrd.is_some(), "--initrd", booted),
+            (self.cmdline.is_some(), "--cmdline", booted),
+            (self.memory_image.is_some(), "--memory-image", paged),
+        ];
+        if let Some(&(_, flag, why)) = not_with_restore.iter().find(|(given, ..)| *given) {
+            return Err(ConfigError::NotWithRestore { flag, why });
+        }
+        let paging = self.paging_config()?;
+        if paging.is_some() && self.memory == Some(MemoryBackend::File) {
+            return Err(ConfigError::NotWithRestore {
+                flag: "--memory file",
+                why: "with --pager uffd (userfaultfd cannot register a file mapping)",
+            });
+        }
+        if paging.is_none() {
+            let needs_pager = [
+                (self.prefetch.is_some(), "--prefetch"),
+                (self.working_set.is_some(), "--working-set"),
+                (self.working_set_end.is_some(), "--working-set-end"),
+            ];
+            if let Some((_, flag)) = needs_pager.iter().find(|(given, _)| *given) {
+                return Err(ConfigError::NeedsPager(flag));
+            }
+        }
+        if let Some(spec) = &self.working_set_end
+            && RecordEnd::parse(spec).is_none()
+        {
+            return Err(ConfigError::BadWorkingSetEnd(spec.clone()));
+        }
+        if let Some(vcpus) = self.vcpus
+            && (vcpus == 0 || vcpus > u32::from(mptable::MAX_CPUS))
+        {
+            return Err(ConfigError::BadVcpuCount(vcpus));
+        }
+        if let Some(mem) = &self.mem {
+            parse_size(mem)?;
+        }
+        if let Some(list) = &self.cpu_features {
+            cpuid::parse_feature_edits(list)?;
+        }
+        self.snapshot_on_request_config()?;
+        self.metrics_config()
     }
 
     fn metrics_config(&self) -> Result<Option<MetricsConfig>, ConfigError> {
@@ -785,6 +823,59 @@ mod tests {
         assert_eq!(cfg.cpu_features.len(), 1);
         assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
         assert!(cfg.paging.is_none());
+    }
+
+    #[test]
+    fn the_api_socket_comes_from_the_flags_or_the_file() {
+        let k = kernel_file();
+        let file: Settings = toml::from_str(&format!(
+            "kernel = {:?}\napi_socket = \"/run/a.sock\"",
+            k.as_path()
+        ))
+        .unwrap();
+        let cfg = Settings::default()
+            .merge(file.clone())
+            .into_config(None)
+            .unwrap();
+        assert_eq!(cfg.api_socket, Some(PathBuf::from("/run/a.sock")));
+        let flags = Settings {
+            api_socket: Some("/run/b.sock".into()),
+            ..Default::default()
+        };
+        let cfg = flags.merge(file).into_config(None).unwrap();
+        assert_eq!(cfg.api_socket, Some(PathBuf::from("/run/b.sock")));
+    }
+
+    /// What `run --api-socket` without a kernel checks before it waits for a snapshot.
+    #[test]
+    fn restore_settings_are_checked_before_the_snapshot_is_known() {
+        let with = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.check_for_restore()
+                .map(|m| m.is_some())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(with(|_| ()), Ok(false));
+        assert_eq!(with(|s| s.metrics_file = Some("/tmp/m".into())), Ok(true));
+        let err = with(|s| s.initrd = Some("/x".into())).unwrap_err();
+        assert!(
+            err.contains("--initrd cannot be used with restore"),
+            "{err}"
+        );
+        assert_eq!(with(|s| s.pager = Some(PagerKind::Uffd)), Ok(false));
+        let err = with(|s| s.prefetch = Some(Prefetch::All)).unwrap_err();
+        assert!(err.contains("--prefetch needs --pager uffd"), "{err}");
+        let err = with(|s| s.memory_image = Some("/x".into())).unwrap_err();
+        assert!(
+            err.contains("--memory-image cannot be used with restore"),
+            "{err}"
+        );
+        assert!(with(|s| s.mem = Some("12X".into())).is_err());
+        assert!(with(|s| s.vcpus = Some(0)).is_err());
+        assert!(with(|s| s.cpu_features = Some("-bogus".into())).is_err());
+        assert!(with(|s| s.after_snapshot = Some(AfterSnapshot::Stop)).is_err());
+        assert!(with(|s| s.metrics_interval = Some("1h?".into())).is_err());
     }
 
     #[test]

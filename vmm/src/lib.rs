@@ -10,6 +10,7 @@
 //! `apfvm-test-support` crate in tests/support, which this library does not use.
 
 pub mod apf;
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod console;

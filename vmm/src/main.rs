@@ -35,6 +35,74 @@ enum Command {
     /// Measure guest stalls: busy-task ops rate and fault latency with async PF off/on
     /// against a no-fault baseline and the bare userfaultfd floor (JSON + SVG report).
     Bench(BenchArgs),
+    /// Control a running apfvm through its API socket (--api-socket).
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The API socket of the apfvm to control.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// How long to wait for the answer.
+    #[arg(long, value_name = "DURATION", default_value = "300s")]
+    timeout: String,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Pause the VM (PATCH /vm {"state":"Paused"}).
+    Pause,
+    /// Resume the VM (PATCH /vm {"state":"Resumed"}).
+    Resume,
+    /// Snapshot the paused VM into a directory (PUT /snapshot/create).
+    Snapshot {
+        /// The snapshot directory (created if needed).
+        dir: PathBuf,
+    },
+    /// Load a snapshot into an apfvm started with --api-socket and no kernel
+    /// (PUT /snapshot/load).
+    Load {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Run the VM once loaded (resume_vm); else it waits, paused, for `resume`.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Print the VM's state, vCPUs, memory and async PF setting as JSON (GET /).
+    Info,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("bad --timeout '{0}': use a duration such as 30s or 500ms")]
+    BadTimeout(String),
+    #[error(transparent)]
+    Client(#[from] vmm::api::client::ClientError),
+}
+
+fn ctl(args: &CtlArgs) -> Result<(), CtlError> {
+    use vmm::api::RequestedState;
+    let limit = vmm::pager::parse_duration(&args.timeout)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| CtlError::BadTimeout(args.timeout.clone()))?;
+    let client = vmm::api::client::Client::new(&args.api_socket, limit);
+    match &args.action {
+        CtlAction::Pause => client.set_state(RequestedState::Paused)?,
+        CtlAction::Resume => client.set_state(RequestedState::Resumed)?,
+        CtlAction::Snapshot { dir } => client.create_snapshot(dir)?,
+        CtlAction::Load { dir, resume } => client.load_snapshot(dir, None, *resume)?,
+        CtlAction::Info => {
+            let info = client.info()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&info).expect("the info serializes")
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -208,7 +276,12 @@ fn run(
     args: &RunArgs,
     builtin: Option<KernelImage>,
 ) -> Result<VmOutcome, Box<dyn std::error::Error>> {
-    let config = args.settings()?.into_config(builtin)?;
+    let settings = args.settings()?;
+    // Without a kernel, an API socket means: wait for a snapshot to load (PUT /snapshot/load).
+    if settings.kernel.is_none() && builtin.is_none() && settings.api_socket.is_some() {
+        return Ok(vm::run_awaiting_snapshot(settings, &args.kvm_device)?);
+    }
+    let config = settings.into_config(builtin)?;
     Ok(vm::run(config, &args.kvm_device)?)
 }
 
@@ -232,6 +305,15 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Bench(args) => {
             return match run_bench(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report_error(&e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Ctl(args) => {
+            return match ctl(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     report_error(&e);

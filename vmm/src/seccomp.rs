@@ -36,6 +36,9 @@ pub enum ThreadKind {
     KvmTrace,
     /// Decides when a lazy restore's working set is recorded and writes it.
     WorkingSet,
+    /// Serves the control API (--api-socket): accepts connections on its socket, reads
+    /// requests and writes answers; the VM's owner does the work.
+    Api,
 }
 
 /// Exit status after a forbidden system call: 128 + SIGSYS, as if killed by it.
@@ -162,7 +165,9 @@ fn ioctl_types(kind: ThreadKind) -> &'static [u8] {
         // Evictions requested through the pager-control port run on the vCPU thread.
         ThreadKind::Vcpu => &[KVMIO, UFFDIO],
         ThreadKind::PagerReader | ThreadKind::PagerWorker | ThreadKind::PagerEvictor => &[UFFDIO],
-        ThreadKind::Metrics | ThreadKind::KvmTrace | ThreadKind::WorkingSet => &[],
+        ThreadKind::Metrics | ThreadKind::KvmTrace | ThreadKind::WorkingSet | ThreadKind::Api => {
+            &[]
+        }
     }
 }
 
@@ -256,6 +261,20 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_statx,
             libc::SYS_lseek,
         ],
+        // tokio's event loop (its epoll and eventfd, and the listening socket's
+        // registration, all made before the filter; `read` drains a full eventfd) and the
+        // API socket's connections: accepted, read (recv), written (writev, write), shut
+        // down, closed. No socket can be created, bound or connected, no file opened.
+        ThreadKind::Api => &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_accept4,
+            libc::SYS_recvfrom,
+            libc::SYS_read,
+            libc::SYS_writev,
+            libc::SYS_shutdown,
+        ],
     }
 }
 
@@ -319,7 +338,7 @@ mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
-    const ALL: [ThreadKind; 7] = [
+    const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::PagerReader,
@@ -327,6 +346,8 @@ mod tests {
         ThreadKind::PagerEvictor,
         ThreadKind::Metrics,
         ThreadKind::KvmTrace,
+        ThreadKind::WorkingSet,
+        ThreadKind::Api,
     ];
 
     #[test]

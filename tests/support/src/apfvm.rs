@@ -6,8 +6,8 @@ use serde_json::Value;
 /// string as `vmm::vm::PAGER_SUMMARY`, which prints it (a unit test of apfvm's binary checks).
 pub const PAGER_SUMMARY: &str = "apfvm: pager: ";
 
-/// How the line about a guest-requested snapshot starts (`apfvm: snapshot: {json}`); the
-/// same string as `vmm::vm::SNAPSHOT_DONE`.
+/// How the line about a snapshot taken (on the guest's or the control API's request) starts
+/// (`apfvm: snapshot: {json}`); the same string as `vmm::vm::SNAPSHOT_DONE`.
 pub const SNAPSHOT_DONE: &str = "apfvm: snapshot: ";
 
 /// How the line about a restored VM starts (`apfvm: restored: {json}`); the same string as
@@ -33,8 +33,8 @@ pub fn pager_summary(stderr: &str) -> Option<Value> {
     json_lines(stderr, PAGER_SUMMARY).into_iter().next()
 }
 
-/// Every snapshot apfvm took on the guest's request (id, dir, memory_file, mem_size,
-/// data_pages, millis), in order.
+/// Every snapshot apfvm took, on the guest's or the control API's request (id, dir,
+/// memory_file, mem_size, data_pages, millis), in order.
 pub fn snapshots_taken(stderr: &str) -> Vec<Value> {
     json_lines(stderr, SNAPSHOT_DONE)
 }

@@ -15,8 +15,10 @@
 //! it), the final metrics line is written, and guest memory goes last (KVM maps it until the
 //! VM is gone). The whole stop fits in `STOP_BUDGET`.
 //!
-//! `run` (run.rs) is what the CLI does with a VM: signals, the console, the event loop.
+//! `run` (run.rs) is what the CLI does with a VM: signals, the console, the event loop, and
+//! the control API's requests (api.rs carries them out).
 
+mod api;
 mod build;
 mod run;
 mod snapshot;
@@ -34,7 +36,7 @@ use vm_device::device_manager::IoManager;
 use vm_memory::GuestMemoryMmap;
 
 pub use build::open_kvm;
-pub use run::{PAGER_SUMMARY, RESTORED, SNAPSHOT_DONE, run};
+pub use run::{PAGER_SUMMARY, RESTORED, SNAPSHOT_DONE, run, run_awaiting_snapshot};
 pub use snapshot::SnapshotRequests;
 pub use stop::{StopReason, StopRequests};
 
@@ -142,6 +144,10 @@ pub enum VmError {
     StopTimeout(String),
     #[error("restoring: {0}")]
     Restore(crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     #[error("{0}")]
     Fault(VcpuFault),
     #[error("{0}")]
