@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -62,25 +62,99 @@ fn is_dev_null(st: &libc::stat) -> bool {
     })
 }
 
-/// Forwards stdin to the guest's UART.
+/// Holds the guest's console input while the VM is paused (devices quiet): stdin is not
+/// read, its bytes wait in the pipe or terminal, and reading goes on when the VM resumes.
+pub struct InputGate {
+    held: AtomicBool,
+    /// Written on release: wakes the event loop's `SerialInput` to watch stdin again.
+    released: EventFd,
+}
+
+impl InputGate {
+    pub fn new() -> std::io::Result<InputGate> {
+        Ok(InputGate {
+            held: AtomicBool::new(false),
+            released: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        // A full counter still wakes the loop.
+        let _ = self.released.write(1);
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+/// Forwards stdin to the guest's UART, except while its gate is held.
 pub struct SerialInput {
     serial: Arc<Mutex<SerialConsole>>,
+    gate: Arc<InputGate>,
+    /// stdin, or another readable fd (tests).
+    input: RawFd,
+    /// stdin is registered with the event loop (not while held, nor after EOF).
+    watching: bool,
+    ended: bool,
 }
 
 impl SerialInput {
-    pub fn new(serial: Arc<Mutex<SerialConsole>>) -> Self {
-        SerialInput { serial }
+    pub fn new(serial: Arc<Mutex<SerialConsole>>, gate: Arc<InputGate>) -> Self {
+        Self::reading(std::io::stdin().as_raw_fd(), serial, gate)
+    }
+
+    /// Forwards `input` (an fd that stays open as long as this lives) instead of stdin.
+    pub fn reading(input: RawFd, serial: Arc<Mutex<SerialConsole>>, gate: Arc<InputGate>) -> Self {
+        SerialInput {
+            serial,
+            gate,
+            input,
+            watching: false,
+            ended: false,
+        }
+    }
+
+    fn watch_stdin(&mut self, ops: &mut EventOps) {
+        match ops.add(Events::new_raw(self.input, EventSet::IN)) {
+            Ok(()) => self.watching = true,
+            Err(e) => {
+                log::warn!("serial input disabled: cannot watch stdin: {e:?}");
+                self.ended = true;
+            }
+        }
     }
 }
 
 impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
-            log::warn!("serial input disabled: cannot watch stdin: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.gate.released, EventSet::IN)) {
+            log::warn!("cannot watch console input releases: {e:?}");
+        }
+        if !self.gate.is_held() {
+            self.watch_stdin(ops);
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.gate.released.as_raw_fd() {
+            let _ = self.gate.released.read();
+            if !self.gate.is_held() && !self.watching && !self.ended {
+                self.watch_stdin(ops);
+            }
+            return;
+        }
+        if self.gate.is_held() {
+            // Paused: leave the bytes where they are until the release.
+            let _ = ops.remove(events);
+            self.watching = false;
+            return;
+        }
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         // Read no more than the UART FIFO can take; the rest stays in the pipe/terminal
         // until the guest has drained it (level-triggered epoll brings us back).
@@ -96,14 +170,16 @@ impl MutEventSubscriber for SerialInput {
         }
         // Read the fd itself: std's Stdin buffers, and bytes parked in that buffer would never
         // wake epoll again.
-        let stdin_fd = std::io::stdin().as_raw_fd();
-        // SAFETY: fd 0 stays open for the life of the process; ManuallyDrop keeps the File
-        // from closing it.
-        let mut raw = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(stdin_fd) });
+        // SAFETY: the input fd stays open as long as this subscriber (stdin: for the life of
+        // the process); ManuallyDrop keeps the File from closing it.
+        let mut raw =
+            std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(self.input) });
         match raw.read(&mut buf[..want]) {
             Ok(0) => {
                 // EOF: nothing more will come; stop watching.
                 let _ = ops.remove(events);
+                self.watching = false;
+                self.ended = true;
             }
             Ok(n) => {
                 serial.enqueue_input(&buf[..n]);
@@ -112,6 +188,8 @@ impl MutEventSubscriber for SerialInput {
             Err(e) => {
                 log::warn!("serial input stopped: {e}");
                 let _ = ops.remove(events);
+                self.watching = false;
+                self.ended = true;
             }
         }
     }
@@ -413,6 +491,56 @@ impl MutEventSubscriber for ConsoleDrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_input_stays_in_the_pipe_until_the_gate_is_released() {
+        use event_manager::{EventManager, SubscriberOps};
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both ends are new and owned by nothing else.
+        let (read_end, mut write_end) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            irq,
+            Box::new(std::io::sink()),
+        )));
+        let fifo = serial.lock().unwrap().input_capacity();
+        let gate = Arc::new(InputGate::new().unwrap());
+        gate.hold();
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().unwrap();
+        events.add_subscriber(Box::new(SerialInput::reading(
+            read_end.as_raw_fd(),
+            serial.clone(),
+            gate.clone(),
+        )));
+        write_end.write_all(b"ls\n").unwrap();
+        // Held: nothing watches the pipe, nothing reaches the UART.
+        assert_eq!(events.run_with_timeout(50).unwrap(), 0);
+        assert_eq!(serial.lock().unwrap().input_capacity(), fifo);
+        gate.release();
+        while serial.lock().unwrap().input_capacity() == fifo {
+            assert!(
+                events.run_with_timeout(1000).unwrap() > 0,
+                "input after the release"
+            );
+        }
+        assert_eq!(serial.lock().unwrap().input_capacity(), fifo - 3);
+        // Held again mid-stream: what comes now waits too.
+        gate.hold();
+        write_end.write_all(b"pwd\n").unwrap();
+        for _ in 0..3 {
+            events.run_with_timeout(20).unwrap();
+        }
+        assert_eq!(serial.lock().unwrap().input_capacity(), fifo - 3);
+        drop(read_end);
+    }
 
     #[test]
     fn console_output_is_bounded_and_counts_what_it_drops() {

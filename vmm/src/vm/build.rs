@@ -25,7 +25,7 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, KVM_TSS_ADDRE
 use crate::arch::x86_64::loader::{self, LoadedKernel, LoaderError};
 use crate::arch::x86_64::mptable;
 use crate::config::{KernelImage, LazyRestore, Prefetch, VmConfig};
-use crate::console::ConsoleOutput;
+use crate::console::{ConsoleOutput, InputGate};
 use crate::kvm_trace::KvmTrace;
 use crate::memory::{self, MemoryBackend};
 use crate::metrics::{StallCounter, VcpuMetrics};
@@ -92,6 +92,9 @@ pub(super) fn build(
     // /dev/kvm itself is not needed once the VM and its vCPUs exist.
     drop(kvm);
     let console = Arc::new(ConsoleOutput::new().map_err(|e| VmError::Events(e.to_string()))?);
+    // Console input waits until the guest runs (and again whenever it is paused).
+    let input_gate = Arc::new(InputGate::new().map_err(|e| VmError::Events(e.to_string()))?);
+    input_gate.hold();
     let (io, serial) = create_devices(
         &vm_fd,
         &stop,
@@ -118,6 +121,7 @@ pub(super) fn build(
         pager,
         io: Arc::new(io),
         serial,
+        input_gate,
         console,
         vcpu_metrics,
         vm_fd,

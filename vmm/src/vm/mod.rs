@@ -44,7 +44,7 @@ use crate::arch::x86_64::boot;
 use crate::arch::x86_64::loader::LoaderError;
 use crate::arch::x86_64::mptable::MptableError;
 use crate::config::VmConfig;
-use crate::console::ConsoleOutput;
+use crate::console::{ConsoleOutput, InputGate};
 use crate::kvm_trace::{KvmTrace, TraceError};
 use crate::memory::MemoryError;
 use crate::metrics::{MetricsWriter, VcpuMetrics};
@@ -168,6 +168,8 @@ pub struct Vm {
     pager: Option<Arc<Pager>>,
     io: Arc<IoManager>,
     serial: Arc<Mutex<SerialConsole>>,
+    /// Holds stdin → UART while paused.
+    input_gate: Arc<InputGate>,
     console: Arc<ConsoleOutput>,
     vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     /// Held, not used after the build: the KVM VM lives as long as this fd.
@@ -220,6 +222,11 @@ impl Vm {
     /// The guest's console output, for the owner to drain.
     pub fn console(&self) -> &Arc<ConsoleOutput> {
         &self.console
+    }
+
+    /// Held while the VM is paused: the owner feeds the UART no input meanwhile.
+    pub fn input_gate(&self) -> &Arc<InputGate> {
+        &self.input_gate
     }
 
     /// The UART, for the owner to feed input to.
@@ -287,6 +294,7 @@ impl Vm {
         let vcpus = std::mem::take(&mut self.unstarted);
         self.vcpu_threads =
             Some(VcpuThreads::start(vcpus, &context, &self.vcpu_metrics).map_err(VmError::Thread)?);
+        self.input_gate.release();
         self.state = VmState::Running;
         Ok(())
     }
@@ -311,6 +319,7 @@ impl Vm {
         if let Some(pager) = &self.pager {
             pager.pause();
         }
+        self.input_gate.hold();
         self.state = VmState::Paused;
         Ok(())
     }
@@ -330,6 +339,7 @@ impl Vm {
         if let Some(threads) = &self.vcpu_threads {
             threads.resume();
         }
+        self.input_gate.release();
         self.state = VmState::Running;
         Ok(())
     }

@@ -270,7 +270,10 @@ fn run_event_loop(
     events.add_subscriber(Box::new(SnapshotListener(vm.snapshot_requests().clone())));
     events.add_subscriber(Box::new(ConsoleDrain::new(vm.console().clone())));
     let _raw = if console::stdin_is_pollable() {
-        events.add_subscriber(Box::new(SerialInput::new(vm.serial().clone())));
+        events.add_subscriber(Box::new(SerialInput::new(
+            vm.serial().clone(),
+            vm.input_gate().clone(),
+        )));
         Some(RawTerminal::enter())
     } else {
         None
