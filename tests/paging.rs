@@ -255,7 +255,13 @@ fn an_unreadable_memory_image_stops_the_vm_with_an_error_naming_file_and_page() 
     }
     let _one_at_a_time = exclusive();
     let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
-    image.as_file().set_len(128 << 20).unwrap();
+    // Zeros written as data: a hole would be served as a zero page without a read (the
+    // pager knows the image's holes from when it opened it).
+    let zeros = vec![0u8; 1 << 20];
+    for mib in 0..128u64 {
+        use std::os::unix::fs::FileExt;
+        image.as_file().write_all_at(&zeros, mib << 20).unwrap();
+    }
     let path = image.as_path().to_str().unwrap().to_string();
     let metrics = vmm_sys_util::tempfile::TempFile::new().unwrap();
     // 20,000 first touches, each read from the image after 20 ms: the guest needs well over
