@@ -96,7 +96,7 @@ pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
     for &call in COMMON.iter().chain(allowed(kind)) {
         rules.insert(call, vec![]);
     }
-    let opens_files = allowed(kind).contains(&libc::SYS_openat);
+    let opens_files = allowed(kind).any(|&call| call == libc::SYS_openat);
     if !opens_files {
         rules.insert(libc::SYS_openat, vec![]);
     }
@@ -199,7 +199,28 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-fn allowed(kind: ThreadKind) -> &'static [i64] {
+/// Writing a file whole and putting it in place: a temporary file, fsync, rename over the
+/// old one, and removing what is left (snapshot state files, working sets).
+const REPLACES_FILES: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_fsync,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// What `kind` needs besides `COMMON`.
+fn allowed(kind: ThreadKind) -> impl Iterator<Item = &'static i64> {
+    let replaces_files: &[i64] = match kind {
+        ThreadKind::Main | ThreadKind::WorkingSet => REPLACES_FILES,
+        _ => &[],
+    };
+    own_calls(kind).iter().chain(replaces_files)
+}
+
+fn own_calls(kind: ThreadKind) -> &'static [i64] {
     match kind {
         ThreadKind::Main => &[
             libc::SYS_epoll_create1,
@@ -218,19 +239,13 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_statx,
             libc::SYS_lseek,
             libc::SYS_rmdir,
-            // Guest-requested snapshots: the snapshot directory, its files, fsync, rename, and
-            // /proc/self/pagemap (which pages were never written).
+            // Guest-requested snapshots (with REPLACES_FILES): the snapshot directory, its
+            // memory file, and /proc/self/pagemap (which pages were never written).
             libc::SYS_pread64,
             libc::SYS_mkdir,
             libc::SYS_mkdirat,
             libc::SYS_ftruncate,
             libc::SYS_pwrite64,
-            libc::SYS_fsync,
-            libc::SYS_rename,
-            libc::SYS_renameat,
-            libc::SYS_renameat2,
-            libc::SYS_unlink,
-            libc::SYS_unlinkat,
         ],
         ThreadKind::Vcpu => &[libc::SYS_fallocate],
         ThreadKind::PagerReader => &[
@@ -242,15 +257,7 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::PagerWorker => &[libc::SYS_pread64],
         ThreadKind::PagerEvictor => &[libc::SYS_fallocate],
         ThreadKind::Metrics => &[libc::SYS_fsync, libc::SYS_read, libc::SYS_openat],
-        ThreadKind::WorkingSet => &[
-            libc::SYS_openat,
-            libc::SYS_fsync,
-            libc::SYS_rename,
-            libc::SYS_renameat,
-            libc::SYS_renameat2,
-            libc::SYS_unlink,
-            libc::SYS_unlinkat,
-        ],
+        ThreadKind::WorkingSet => &[],
         ThreadKind::KvmTrace => &[
             libc::SYS_read,
             libc::SYS_poll,

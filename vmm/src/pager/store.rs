@@ -89,27 +89,7 @@ impl PageStore {
 
     /// Fills `page` with the initial contents of the page at `ram_offset`.
     pub fn read_page(&self, ram_offset: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
-        match self {
-            PageStore::Zero => page.fill(0),
-            PageStore::Image {
-                file,
-                path,
-                len,
-                data,
-            } => {
-                page.fill(0);
-                if ram_offset < *len && overlaps(data, ram_offset, PAGE_SIZE as u64) {
-                    let want = (*len - ram_offset).min(PAGE_SIZE as u64) as usize;
-                    file.read_exact_at(&mut page[..want], ram_offset)
-                        .map_err(|source| StoreError::Read {
-                            path: path.display().to_string(),
-                            offset: ram_offset,
-                            source,
-                        })?;
-                }
-            }
-        }
-        Ok(())
+        self.read_run(ram_offset, page)
     }
 
     /// Fills `buf` (whole pages) with the initial contents from `ram_offset` on: one read
