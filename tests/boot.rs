@@ -310,6 +310,30 @@ fn bad_input_gets_a_clear_error_and_nonzero_exit() {
         1,
         "cannot read config file /nonexistent/vm.toml",
     );
+    assert_clear_error(
+        &[
+            "demo",
+            "--pager",
+            "uffd",
+            "--fault-latency",
+            "9300000000000000000s",
+        ],
+        1,
+        "is longer than the longest modelled fetch, 1 hour",
+    );
+    let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    image.as_file().set_len(256 << 20).unwrap();
+    let image = image.as_path().to_str().unwrap().to_string();
+    assert_clear_error(
+        &["demo", "--pager", "uffd", "--memory-image", &image],
+        1,
+        "larger than guest RAM (134217728 bytes)",
+    );
+    assert_clear_error(
+        &["bench", "--floor-pages", "0"],
+        1,
+        "--floor-pages must be at least 1",
+    );
 }
 
 /// Debian's real cloud kernel (fetched with apt: needs the network). On hosts that emulate

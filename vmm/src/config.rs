@@ -307,6 +307,15 @@ pub enum ConfigError {
     },
     #[error("bad --metrics-interval '{0}': use a duration of at least 10ms, e.g. 500ms or 2s")]
     BadMetricsInterval(String),
+    #[error(
+        "memory image {path} is {len} bytes, larger than guest RAM ({mem_size} bytes): raise \
+         --mem or pass the image of a VM this size"
+    )]
+    ImageTooLarge {
+        path: String,
+        len: u64,
+        mem_size: u64,
+    },
     #[error("--pager-workers must be between 1 and 64")]
     BadWorkerCount,
     #[error(
@@ -456,6 +465,9 @@ impl Settings {
             return Err(ConfigError::MemTooSmall {
                 given: self.mem.unwrap_or_default(),
             });
+        }
+        if let Some(image) = paging.as_ref().and_then(|p| p.memory_image.as_ref()) {
+            check_image_size(image, mem_size)?;
         }
         let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
         let max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1;
@@ -707,6 +719,32 @@ impl Settings {
             pager,
         }))
     }
+}
+
+/// A memory image larger than RAM is refused (its end would be silently ignored); a smaller
+/// one is allowed with a warning (the pages past its end are zeros).
+fn check_image_size(path: &Path, mem_size: u64) -> Result<(), ConfigError> {
+    let len = std::fs::metadata(path)
+        .map_err(|source| ConfigError::MemoryImage {
+            path: path.display().to_string(),
+            source,
+        })?
+        .len();
+    if len > mem_size {
+        return Err(ConfigError::ImageTooLarge {
+            path: path.display().to_string(),
+            len,
+            mem_size,
+        });
+    }
+    if len < mem_size {
+        log::warn!(
+            "memory image {} is {len} bytes, smaller than guest RAM ({mem_size} bytes): the \
+             pages past its end read as zeros",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Tells a user who passed the wrong file before anything else is set up.

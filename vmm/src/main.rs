@@ -168,6 +168,9 @@ struct BenchArgs {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.floor_pages == 0 {
+        return Err(bench::BenchError::BadFloorPages.into());
+    }
     if args.suite == BenchSuite::Restore {
         let opts = bench::snapshot::RestoreBenchOptions {
             sizes: bench::parse_list(&args.snapshot_sizes),

@@ -51,6 +51,8 @@ pub struct BenchOptions {
 pub enum BenchError {
     #[error("bad --latencies entry '{0}': use durations like 100us,1ms,10ms")]
     BadLatency(String),
+    #[error("--floor-pages must be at least 1")]
+    BadFloorPages,
     #[error("--vcpus-list must name 1 to 8 vCPU counts between 1 and 8")]
     BadVcpus,
     #[error("cannot write the report to {path}: {source}")]

@@ -30,6 +30,8 @@ pub enum LatencyError {
          exp:MEAN (exp:5ms)"
     )]
     BadLatency(String),
+    #[error("--fault-latency '{0}' is longer than the longest modelled fetch, 1 hour")]
+    TooLong(String),
     #[error("bad --fault-order '{0}': use 'arrival' or 'reverse:N' with N >= 2")]
     BadOrder(String),
 }
@@ -57,8 +59,23 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
+/// The longest fetch the model takes (a bound that keeps due times far from overflowing).
+pub const MAX_LATENCY: Duration = Duration::from_secs(3600);
+
 impl LatencyModel {
     pub fn parse(spec: &str) -> Result<LatencyModel, LatencyError> {
+        let model = Self::parse_unbounded(spec)?;
+        let longest = match model {
+            LatencyModel::Fixed(d) | LatencyModel::Exponential(d) => d,
+            LatencyModel::Uniform(_, hi) => hi,
+        };
+        if longest > MAX_LATENCY {
+            return Err(LatencyError::TooLong(spec.to_string()));
+        }
+        Ok(model)
+    }
+
+    fn parse_unbounded(spec: &str) -> Result<LatencyModel, LatencyError> {
         let bad = || LatencyError::BadLatency(spec.to_string());
         if let Some(mean) = spec.strip_prefix("exp:") {
             return Ok(LatencyModel::Exponential(
@@ -86,7 +103,7 @@ impl LatencyModel {
             LatencyModel::Exponential(mean) => {
                 // Inverse transform; 1 - u is in (0, 1], so the log is finite.
                 let u: f64 = rng.random();
-                mean.mul_f64(-(1.0 - u).ln())
+                mean.mul_f64(-(1.0 - u).ln()).min(MAX_LATENCY * 40)
             }
         }
     }
@@ -127,6 +144,27 @@ impl FaultOrder {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn latencies_past_an_hour_are_refused_at_parse_time() {
+        for spec in [
+            "9300000000000000000s",
+            "2h-3h",
+            "1ms-3601s",
+            "exp:3601s",
+            "3600.001s",
+        ] {
+            assert_eq!(
+                LatencyModel::parse(spec),
+                Err(LatencyError::TooLong(spec.to_string())),
+                "{spec}"
+            );
+        }
+        assert_eq!(
+            LatencyModel::parse("3600s"),
+            Ok(LatencyModel::Fixed(MAX_LATENCY))
+        );
+    }
 
     #[test]
     fn parses_latency_specs() {
