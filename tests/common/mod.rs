@@ -4,9 +4,9 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -78,9 +78,14 @@ impl Run {
 
 /// Spawns apfvm with `args` (stdin closed to /dev/null, as in CI).
 pub fn spawn(args: &[&str]) -> Child {
+    spawn_with_stdin(args, Stdio::null())
+}
+
+/// Spawns apfvm with `args` and `stdin` (e.g. `Stdio::piped()`: the guest's console input).
+pub fn spawn_with_stdin(args: &[&str], stdin: Stdio) -> Child {
     Command::new(APFVM)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -117,9 +122,12 @@ struct Output {
 }
 
 /// A running apfvm whose output the test reads as it comes, so that it can act on an event
-/// (a line on the console) instead of after a guessed time.
+/// (a line on the console) instead of after a guessed time. Dropped before `finish` (a test
+/// that failed halfway), it kills apfvm.
 pub struct Watched {
     child: Child,
+    /// The guest's console input, when started by `watch_with_console_input`.
+    stdin: Option<ChildStdin>,
     output: Arc<(Mutex<Output>, Condvar)>,
     readers: Vec<std::thread::JoinHandle<()>>,
     started: Instant,
@@ -154,23 +162,73 @@ fn pump(
 
 /// Starts apfvm with `args` (stdin /dev/null) and reads its output as it comes.
 pub fn watch(args: &[&str]) -> Watched {
-    let mut child = spawn(args);
+    watch_with_stdin(args, Stdio::null())
+}
+
+/// Starts apfvm with `args` and a pipe as its stdin (the guest's console input, see
+/// `Watched::send`), and reads its output as it comes.
+pub fn watch_with_console_input(args: &[&str]) -> Watched {
+    watch_with_stdin(args, Stdio::piped())
+}
+
+fn watch_with_stdin(args: &[&str], stdin: Stdio) -> Watched {
+    let started = Instant::now();
+    let mut child = spawn_with_stdin(args, stdin);
     let output = Arc::new((Mutex::new(Output::default()), Condvar::new()));
     let readers = vec![
         pump(child.stdout.take().unwrap(), output.clone(), true),
         pump(child.stderr.take().unwrap(), output.clone(), false),
     ];
     Watched {
+        stdin: child.stdin.take(),
         child,
         output,
         readers,
-        started: Instant::now(),
+        started,
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
 impl Watched {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Time since apfvm was spawned.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The guest's console output so far.
+    pub fn stdout(&self) -> String {
+        self.output.0.lock().unwrap().stdout.clone()
+    }
+
+    /// Writes `bytes` to apfvm's stdin (the guest's console input); needs
+    /// `watch_with_console_input`.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .expect("apfvm's stdin is a pipe (watch_with_console_input)");
+        if let Err(e) = stdin.write_all(bytes).and_then(|()| stdin.flush()) {
+            let out = self.output.0.lock().unwrap();
+            panic!(
+                "writing to apfvm's stdin: {e} (apfvm ended?) after {:?}\n--- stdout ---\n{}\n\
+                 --- stderr ---\n{}",
+                self.started.elapsed(),
+                out.stdout,
+                out.stderr
+            );
+        }
     }
 
     /// Waits until `ready` holds, checking it whenever apfvm prints something and at least
@@ -239,6 +297,7 @@ impl Watched {
     /// Waits for apfvm to exit; past `limit` it is killed and the test fails: apfvm must never
     /// hang.
     pub fn finish(mut self, limit: Duration) -> Run {
+        self.stdin = None;
         let since = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait for apfvm") {

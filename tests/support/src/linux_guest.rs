@@ -17,6 +17,15 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nofsgsba
 pub const USERSPACE_UP: &str = "APFVM-LINUX: userspace up cpus=";
 /// /init's line after the command: `APFVM-LINUX: exit STATUS`.
 pub const COMMAND_EXIT: &str = "APFVM-LINUX: exit ";
+/// The kernel command line word that makes /init ask for a snapshot right after "userspace up"
+/// and then take its commands from the console.
+pub const SNAPSHOT_WORD: &str = "apfvm.snapshot=1";
+/// /init's line just before it asks apfvm for a snapshot.
+pub const SNAPSHOT_REQUESTED: &str = "APFVM-LINUX: snapshot requested";
+/// /init's line whenever it waits for a command line on the console.
+pub const READY: &str = "APFVM-LINUX: ready";
+/// /init's line after each command from the console: `APFVM-LINUX: done STATUS`.
+pub const COMMAND_DONE: &str = "APFVM-LINUX: done ";
 const WORKLOAD_RESULT: &str = "APFVM-WORKLOAD ";
 
 /// build.sh's default output directory under a repository checkout.
@@ -43,11 +52,27 @@ pub fn cmdline_running(command: &str) -> Result<String, String> {
     Ok(format!("{BASE_CMDLINE} apfvm.cmd=\"{command}\""))
 }
 
+/// The command line that makes /init ask for a snapshot once user space is up, then run
+/// the commands it reads from the console.
+pub fn cmdline_snapshot_then_console() -> String {
+    format!("{BASE_CMDLINE} {SNAPSHOT_WORD}")
+}
+
 /// The exit status /init reported for the command, if it got that far.
 pub fn command_status(stdout: &str) -> Option<i32> {
+    status_after(stdout, COMMAND_EXIT)
+}
+
+/// The status of the first console command /init finished in `stdout` (its
+/// `APFVM-LINUX: done STATUS` line).
+pub fn console_command_status(stdout: &str) -> Option<i32> {
+    status_after(stdout, COMMAND_DONE)
+}
+
+fn status_after(stdout: &str, marker: &str) -> Option<i32> {
     stdout
         .lines()
-        .find_map(|l| l.trim().strip_prefix(COMMAND_EXIT)?.trim().parse().ok())
+        .find_map(|l| l.trim().strip_prefix(marker)?.trim().parse().ok())
 }
 
 /// apfvm-workload's `APFVM-WORKLOAD {json}` line.
@@ -77,6 +102,11 @@ mod tests {
         assert_eq!(command_status(out), Some(3));
         assert_eq!(workload_result(out).unwrap()["verdict"], "pass");
         assert_eq!(command_status("APFVM-LINUX: userspace up cpus=1"), None);
+        let console =
+            "APFVM-LINUX: ready\r\nfalse\r\nAPFVM-LINUX: done 1\r\nAPFVM-LINUX: ready\r\n";
+        assert_eq!(console_command_status(console), Some(1));
+        assert_eq!(command_status(console), None);
+        assert!(cmdline_snapshot_then_console().ends_with(" apfvm.snapshot=1"));
         assert!(workload_result("APFVM-WORKLOAD {broken").is_none());
     }
 }

@@ -10,6 +10,11 @@
 //! each page is a fault the host must serve, which the guest may take asynchronously.
 //! `--hotplug-cpu` takes a CPU offline and back online while the touchers' faults are pending.
 //!
+//! `apfvm-workload --snapshot-request` does nothing else: it asks apfvm for a snapshot (a write
+//! to port 0xf0 after ioperm()) and exits 0 once the VM runs on, in the VM that was saved or
+//! in one restored from the snapshot (/init's `apfvm.snapshot=1`). The guest kernel has no
+//! /dev/port without PCI, and a shell cannot write a port by itself.
+//!
 //! Threads, not processes: every fork/exec costs seconds of emulated kernel time on hosts
 //! that emulate guest kernel mode, and the guest kernel's async PF handling is the same for
 //! threads (it parks the faulting task and runs another).
@@ -28,6 +33,8 @@ const PAGE: usize = 4096;
 const WORDS_PER_PAGE: usize = PAGE / 8;
 /// apfvm's pager-control registers (devices/src/pager_control.rs): first frame, count.
 const PAGER_CONTROL_PORT: u16 = 0xf8;
+/// apfvm's snapshot-request port (devices/src/snapshot_request.rs): any write asks for one.
+const SNAPSHOT_REQUEST_PORT: u16 = 0xf0;
 
 struct Options {
     touchers: usize,
@@ -53,7 +60,8 @@ fn usage() -> ! {
         "usage: apfvm-workload [--touchers N] [--busy N] [--mib N | --pages N] [--passes N] [--evict]\n\
          \x20                     [--stall-us U] [--cpu C[,C...]] [--toucher-nice N]\n\
          \x20                     [--hotplug-cpu C] [--hotplug-cycles N]\n\
-         \x20                     [--seconds S] [--timeout-s S] [--counters FILE] [--counter-prefix P]"
+         \x20                     [--seconds S] [--timeout-s S] [--counters FILE] [--counter-prefix P]\n\
+         \x20      apfvm-workload --snapshot-request"
     );
     std::process::exit(2)
 }
@@ -463,7 +471,42 @@ fn blocked_tasks() -> Vec<String> {
     blocked
 }
 
+/// Asks apfvm for a snapshot of the VM, taken right after this port write; returns once the
+/// VM runs again (resumed, or restored from the snapshot in a new apfvm). Exits 2 when there is
+/// no snapshot-request port (not apfvm, or one without snapshots).
+fn snapshot_request() -> ! {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(SNAPSHOT_REQUEST_PORT.into(), 1, 1) } != 0 {
+        fail(&format!(
+            "ioperm(0x{SNAPSHOT_REQUEST_PORT:x}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let present: u8;
+    // SAFETY: ioperm granted the port; reading it has no side effects (apfvm's device reads
+    // 0, an unassigned port 0xff).
+    unsafe {
+        std::arch::asm!("in al, dx", in("dx") SNAPSHOT_REQUEST_PORT, out("al") present,
+            options(nostack, preserves_flags));
+    }
+    if present == 0xff {
+        fail("no snapshot-request port at 0xf0 (an apfvm without snapshots?)");
+    }
+    // SAFETY: as above; the write only makes apfvm pause, save and resume (or stop) the VM.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") SNAPSHOT_REQUEST_PORT, in("al") 1u8,
+            options(nostack, preserves_flags));
+    }
+    std::process::exit(0)
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--snapshot-request") {
+        if std::env::args().len() != 2 {
+            usage();
+        }
+        snapshot_request();
+    }
     let o = parse_options();
     if o.pages_per_toucher == 0 || o.seconds.is_nan() || o.seconds < 0.0 {
         usage();
